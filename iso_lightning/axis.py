@@ -1,0 +1,183 @@
+r"""Linear transformations of one tensor axis: the single mechanism behind every neuron operation.
+
+A neuron space is an axis shared by several tensors (rows of one weight, columns of the next, a bias,
+a correction). Rotating, extending or cutting the space is one :class:`AxisTransform` applied to each
+of them and to the optimizer state that shadows them.
+
+Tensors are handled through a three-axis view ``(pre, n, rest)`` where ``n`` indexes the space. A
+transform with matrix :math:`M \in \mathbb{R}^{n \times n'}` maps
+
+.. math::
+
+    X'_{p j r} = \sum_i M_{ij} X_{p i r},
+
+which is :math:`W \leftarrow U^T W` for the rows of a producer and :math:`W \leftarrow W U` for the
+columns of a consumer: both roles transform the same way. First moments of an optimizer follow the
+same map; second moments follow :math:`(M \circ M)` (the squared-entry rule), which is exact for
+permutations, selections and extensions and a diagonal approximation for a general rotation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["AxisTransform", "DenseRotation", "Extension", "HouseholderRotation", "Selection"]
+
+# Rotations of large tensors are applied in place, a slab at a time, so that a shrink of a layer with
+# 150,528 inputs never holds a second copy of its weight.
+_SLAB_ELEMENTS = 1 << 22
+
+
+class AxisTransform:
+    """A linear map of a tensor axis; subclasses implement the two rules."""
+
+    def new_size(self, n: int) -> int:
+        raise NotImplementedError
+
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        """First-moment rule. ``view`` is ``(pre, n, rest)``; ``fill`` shapes ``(pre, k, rest)``."""
+        raise NotImplementedError
+
+    def quadratic(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        """Second-moment rule :math:`(M \\circ M)`: keeps non-negative values non-negative."""
+        raise NotImplementedError
+
+    @property
+    def is_rotation(self) -> bool:
+        return False
+
+
+def _slabbed(view: Tensor, fn) -> Tensor:  # type: ignore[no-untyped-def]
+    """Apply ``fn`` (maps an ``(n, m)`` slab to ``(n, m)``) over ``view`` in place, slab by slab."""
+    pre, n, rest = view.shape
+    if view.numel() <= _SLAB_ELEMENTS:
+        mat = view.permute(1, 0, 2).reshape(n, pre * rest)
+        out = fn(mat).reshape(n, pre, rest).permute(1, 0, 2)
+        view.copy_(out)
+        return view
+    if rest >= pre:
+        step = max(1, _SLAB_ELEMENTS // max(1, n * pre))
+        for start in range(0, rest, step):
+            block = view[:, :, start : start + step]
+            mat = block.permute(1, 0, 2).reshape(n, -1)
+            block.copy_(fn(mat).reshape(n, pre, -1).permute(1, 0, 2))
+    else:
+        step = max(1, _SLAB_ELEMENTS // max(1, n * rest))
+        for start in range(0, pre, step):
+            block = view[start : start + step]
+            mat = block.permute(1, 0, 2).reshape(n, -1)
+            block.copy_(fn(mat).reshape(n, -1, rest).permute(1, 0, 2))
+    return view
+
+
+class DenseRotation(AxisTransform):
+    """An orthogonal ``n x n`` matrix ``M`` (columns are the new basis vectors)."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"Expected a square rotation matrix, but got shape {tuple(matrix.shape)}.")
+        self.matrix = matrix
+
+    @property
+    def is_rotation(self) -> bool:
+        return True
+
+    def new_size(self, n: int) -> int:
+        return n
+
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        mt = self.matrix.to(view.dtype).T.contiguous()
+        return _slabbed(view, lambda x: mt @ x)
+
+    def quadratic(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        m2t = (self.matrix * self.matrix).to(view.dtype).T.contiguous()
+        return _slabbed(view, lambda x: m2t @ x)
+
+
+class HouseholderRotation(AxisTransform):
+    r"""The orthogonal matrix :math:`M = I - V T V^T` of ``k`` Householder reflectors (compact WY form).
+
+    Applying it costs :math:`O(k\,n)` per column instead of :math:`O(n^2)`, which is what makes removing
+    a few neurons from a wide layer cheap. Built from :func:`torch.geqrf` output.
+    """
+
+    def __init__(self, reflectors: Tensor, tau: Tensor) -> None:
+        n, k = reflectors.shape
+        v = torch.tril(reflectors, diagonal=-1)
+        v = v + torch.eye(n, k, dtype=v.dtype, device=v.device)
+        t = torch.zeros(k, k, dtype=v.dtype, device=v.device)
+        # LAPACK's larft recurrence: T[:i, i] = -tau_i T[:i, :i] V[:, :i]^T v_i.
+        for i in range(k):
+            t[i, i] = tau[i]
+            if i:
+                t[:i, i] = -tau[i] * (t[:i, :i] @ (v[:, :i].T @ v[:, i]))
+        self.v = v
+        self.t = t
+
+    @property
+    def is_rotation(self) -> bool:
+        return True
+
+    def new_size(self, n: int) -> int:
+        return n
+
+    def dense(self) -> Tensor:
+        n = self.v.shape[0]
+        return torch.eye(n, dtype=self.v.dtype, device=self.v.device) - self.v @ self.t @ self.v.T
+
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        # M^T X = X - V T^T V^T X
+        v = self.v.to(view.dtype)
+        tt = self.t.T.to(view.dtype)
+        return _slabbed(view, lambda x: x - v @ (tt @ (v.T @ x)))
+
+    def quadratic(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        # With Y = V T V^T = P Q^T (P = V T, Q = V): (M∘M)^T x = x - 2 diag(Y) x + Q2 (P2^T x), where
+        # P2[i, ab] = P_ia P_ib and Q2[j, ab] = Q_ja Q_jb, since Y_ij^2 = sum_ab P_ia P_ib Q_ja Q_jb.
+        n, k = self.v.shape
+        p = self.v @ self.t
+        q = self.v
+        diag = (p * q).sum(dim=1)
+        if k * k > n:
+            m2t = (self.dense() ** 2).T.to(view.dtype).contiguous()
+            return _slabbed(view, lambda x: m2t @ x)
+        p2 = (p[:, :, None] * p[:, None, :]).reshape(n, k * k).to(view.dtype)
+        q2 = (q[:, :, None] * q[:, None, :]).reshape(n, k * k).to(view.dtype)
+        d = (1.0 - 2.0 * diag).to(view.dtype)[:, None]
+        return _slabbed(view, lambda x: d * x + q2 @ (p2.T @ x))
+
+
+class Selection(AxisTransform):
+    """Keep the entries ``index`` (in that order) and drop the rest."""
+
+    def __init__(self, index: Tensor) -> None:
+        self.index = index.to(torch.long)
+
+    def new_size(self, n: int) -> int:
+        return int(self.index.numel())
+
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        return view.index_select(1, self.index.to(view.device))
+
+    quadratic = linear
+
+
+class Extension(AxisTransform):
+    """Append ``count`` entries; their values come from ``fill`` (zeros when not given)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = int(count)
+
+    def new_size(self, n: int) -> int:
+        return n + self.count
+
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        pre, _, rest = view.shape
+        if fill is None:
+            fill = view.new_zeros(pre, self.count, rest)
+        return torch.cat([view, fill.to(view.dtype)], dim=1)
+
+    quadratic = linear

@@ -1,0 +1,236 @@
+r"""Optimizer-state remapping for neuron operations.
+
+When a neuron space is rotated, extended or cut, every optimizer state tensor shaped like a touched
+parameter must follow, or the next ``optimizer.step()`` fails or silently mixes neurons. Each state
+entry has a *rule*:
+
+``"linear"``
+    first moments (``exp_avg``, ``momentum_buffer``, ``grad_avg``): the parameter's own transform,
+    exact for every operation.
+``"quadratic"``
+    second moments (``exp_avg_sq``, ``square_avg``, ``sum``): the squared-entry rule
+    :math:`v \mapsto (M \circ M)^T v`, exact for selections and extensions, an approximation that
+    keeps values non-negative for a general rotation.
+``"rms"``
+    infinity-norm accumulators (Adamax ``exp_inf``): the quadratic rule applied to the squares.
+
+Scalars such as ``step`` are kept. New entries get zero, or the optimizer's initial value
+(Adagrad's ``initial_accumulator_value``). Parameters keep their identity, so ``param_groups`` and
+LR schedulers are untouched and no stale key is ever left in ``optimizer.state``.
+
+Optimizers with no registered rule raise :class:`UnsupportedOptimizerError`, unless the caller asks
+for ``on_unknown="reset"``, which drops the state of the touched parameters. Rules for other
+optimizers are added with :func:`register_optimizer_rule`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from iso_lightning.axis import AxisTransform
+
+__all__ = [
+    "OptimizerRule",
+    "StateRemapper",
+    "UnsupportedOptimizerError",
+    "register_optimizer_rule",
+    "rule_for",
+]
+
+OptimizerArg = Union[None, Optimizer, Sequence[Optimizer]]
+
+
+class UnsupportedOptimizerError(TypeError):
+    """An optimizer whose state cannot be remapped."""
+
+
+@dataclass(frozen=True)
+class OptimizerRule:
+    """How each state entry of one optimizer class follows a neuron operation.
+
+    Args:
+        linear: keys transformed like the parameter (first moments).
+        quadratic: keys transformed with the squared-entry rule (second moments).
+        rms: keys holding magnitudes (infinity norms): squared, transformed quadratically, rooted.
+        fill: initial value of new entries per key, as a function of the param group (default 0).
+        fixup: called with ``(state, group)`` after remapping, to restore invariants the optimizer
+            relies on (centered RMSprop needs ``square_avg >= grad_avg**2``).
+    """
+
+    linear: Tuple[str, ...] = ()
+    quadratic: Tuple[str, ...] = ()
+    rms: Tuple[str, ...] = ()
+    fill: Mapping[str, Callable[[Mapping[str, object]], float]] = field(default_factory=dict)
+    fixup: Optional[Callable[[Dict[str, object], Mapping[str, object]], None]] = None
+
+    def keys(self) -> Tuple[str, ...]:
+        return self.linear + self.quadratic + self.rms
+
+
+def _rmsprop_fixup(state: Dict[str, object], group: Mapping[str, object]) -> None:
+    # Centered RMSprop divides by sqrt(square_avg - grad_avg**2); after the approximate
+    # squared-entry rule for a rotation that difference may turn negative and produce NaN.
+    square_avg, grad_avg = state.get("square_avg"), state.get("grad_avg")
+    if isinstance(square_avg, Tensor) and isinstance(grad_avg, Tensor):
+        torch.maximum(square_avg, grad_avg * grad_avg, out=square_avg)
+
+
+_ADAM = OptimizerRule(linear=("exp_avg",), quadratic=("exp_avg_sq", "max_exp_avg_sq"))
+
+_RULES: Dict[Type[Optimizer], OptimizerRule] = {
+    torch.optim.SGD: OptimizerRule(linear=("momentum_buffer",)),
+    torch.optim.Adam: _ADAM,
+    torch.optim.AdamW: _ADAM,
+    torch.optim.NAdam: _ADAM,
+    torch.optim.RAdam: _ADAM,
+    torch.optim.Adamax: OptimizerRule(linear=("exp_avg",), rms=("exp_inf",)),
+    torch.optim.RMSprop: OptimizerRule(
+        linear=("momentum_buffer", "grad_avg"), quadratic=("square_avg",), fixup=_rmsprop_fixup
+    ),
+    torch.optim.Adagrad: OptimizerRule(
+        quadratic=("sum",),
+        fill={"sum": lambda group: float(group.get("initial_accumulator_value", 0.0))},  # type: ignore[arg-type]
+    ),
+}
+
+
+def register_optimizer_rule(optimizer_cls: Type[Optimizer], rule: OptimizerRule) -> None:
+    """Register (or replace) the remapping rule of an optimizer class and its subclasses.
+
+    Example:
+        >>> import torch
+        >>> class MySGD(torch.optim.SGD):
+        ...     pass
+        >>> register_optimizer_rule(MySGD, OptimizerRule(linear=("momentum_buffer",)))
+        >>> rule_for(MySGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)).linear
+        ('momentum_buffer',)
+    """
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
+        raise TypeError(f"Expected argument `optimizer_cls` to be an Optimizer subclass, but got {optimizer_cls!r}.")
+    _RULES[optimizer_cls] = rule
+
+
+def rule_for(optimizer: Optimizer) -> Optional[OptimizerRule]:
+    """The rule of the closest registered class in the optimizer's MRO, or ``None``."""
+    for cls in type(optimizer).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return None
+
+
+def _as_optimizers(optimizer: OptimizerArg) -> List[Optimizer]:
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, Optimizer):
+        return [optimizer]
+    if isinstance(optimizer, (list, tuple)):
+        bad = [o for o in optimizer if not isinstance(o, Optimizer)]
+        if not bad:
+            return list(optimizer)
+    # Lightning's LightningOptimizer wraps the real optimizer.
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, Optimizer):
+        return [inner]
+    raise TypeError(
+        "Expected argument `optimizer` to be None, a torch.optim.Optimizer or a sequence of them, "
+        f"but got {type(optimizer).__name__}."
+    )
+
+
+class StateRemapper:
+    """Finds which optimizer owns each parameter and applies axis transforms to its state.
+
+    Args:
+        optimizer: ``None``, one optimizer, or several (each parameter's owner is looked up).
+        on_unknown: ``"raise"`` for optimizers with no rule, or ``"reset"`` to drop the state of
+            touched parameters instead.
+    """
+
+    def __init__(self, optimizer: OptimizerArg = None, on_unknown: str = "raise") -> None:
+        if on_unknown not in ("raise", "reset"):
+            raise ValueError(f"Expected argument `on_unknown` to be 'raise' or 'reset', but got {on_unknown!r}.")
+        self.optimizers = _as_optimizers(optimizer)
+        self.on_unknown = on_unknown
+        self._owner: Dict[int, Tuple[Optimizer, Mapping[str, object]]] = {}
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    self._owner[id(p)] = (opt, group)
+
+    def owner(self, param: Tensor) -> Optional[Tuple[Optimizer, Mapping[str, object]]]:
+        return self._owner.get(id(param))
+
+    def validate(self, params: Iterable[Tensor], names: Mapping[int, str]) -> None:
+        """Raise before anything changes if a parameter cannot be remapped.
+
+        Checks that every trainable parameter is held by one of the optimizers, that each owner
+        has a rule (or ``on_unknown="reset"``), and that its state tensors are shaped like it.
+        """
+        if not self.optimizers:
+            return
+        for p in params:
+            name = names.get(id(p), "<parameter>")
+            found = self.owner(p)
+            if found is None:
+                if isinstance(p, torch.nn.Parameter) and p.requires_grad:
+                    kinds = ", ".join(type(o).__name__ for o in self.optimizers)
+                    raise ValueError(
+                        f"Expected argument `optimizer` ({kinds}) to hold parameter `{name}` of the model, "
+                        "but it does not: pass the optimizer that trains this model."
+                    )
+                continue
+            opt, _ = found
+            rule = rule_for(opt)
+            if rule is None and self.on_unknown == "raise":
+                raise UnsupportedOptimizerError(
+                    f"No state remapping rule for optimizer class {type(opt).__name__}. Supported: "
+                    f"{sorted(c.__name__ for c in _RULES)}. Register one with `register_optimizer_rule`, "
+                    "or pass `on_unknown='reset'` to drop the state of the changed parameters."
+                )
+            for key, value in opt.state.get(p, {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"Optimizer state `{key}` of parameter `{name}` has shape {tuple(value.shape)}, "
+                        f"but the parameter has shape {tuple(p.shape)}: the optimizer does not match the model."
+                    )
+
+    def apply(self, param: Tensor, view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor],
+              transform: AxisTransform) -> None:
+        """Remap the state of ``param`` (called before the parameter itself changes shape)."""
+        found = self.owner(param)
+        if found is None:
+            return
+        opt, group = found
+        state = opt.state.get(param)
+        if not state:
+            return
+        rule = rule_for(opt)
+        if rule is None:
+            opt.state.pop(param, None)
+            return
+        for key, value in list(state.items()):
+            if not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
+                continue  # scalars such as `step` are kept
+            if key not in rule.keys():
+                raise UnsupportedOptimizerError(
+                    f"Optimizer {type(opt).__name__} has state `{key}` that its remapping rule does not cover."
+                )
+            view = view_of(value)
+            fill = None
+            if key in rule.fill and hasattr(transform, "count"):
+                pre, _, rest = view.shape
+                fill = view.new_full((pre, transform.count, rest), rule.fill[key](group))  # type: ignore[attr-defined]
+            if key in rule.linear:
+                new = transform.linear(view, fill)
+            elif key in rule.quadratic:
+                new = transform.quadratic(view, fill)
+            else:
+                new = transform.quadratic(view * view, fill).clamp_min(0).sqrt()
+            state[key] = shape_back(new)
+        if rule.fixup is not None:
+            rule.fixup(state, group)

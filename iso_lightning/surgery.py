@@ -1,0 +1,648 @@
+r"""Neuron surgery on a :class:`~iso_lightning.spaces.NeuronSpace`: rotate, grow, shrink, diagonalise.
+
+Every operation is checked completely before the first tensor changes (layer index, counts, finite
+values, optimizer compatibility), so a refused operation leaves the model and its optimizer exactly
+as they were. Each one is built from the axis transforms of :mod:`iso_lightning.axis`, applied to
+every tensor of the space, to their gradients and to the optimizer state.
+
+.. rubric:: Order rule for several layers
+
+Changing hidden space ``l`` rewrites the columns of the next weight ``W_{l+1}`` (new neurons bring
+random columns, removed ones take theirs away, the folds change ``psi_l``), so it changes the
+spectrum of space ``l + 1``. Apply changes from the **last hidden layer to the first**: then every
+space is changed with the spectrum that was measured for it, and a neuron found to have a zero
+singular value is still exactly removable when its turn comes. :func:`set_widths` does this; the
+Lightning callback does too.
+
+.. rubric:: Shrink
+
+Removing the ``k`` weakest directions of a space uses one eigen-decomposition of the Gram matrix
+:math:`A A^T` of :math:`A = [W_l \mid \psi_{l-1}]` (``n x n``, float64; never ``d x d``), a rotation of
+``k`` Householder reflectors that brings those directions to the first ``k`` positions, the folds
+
+.. math::
+
+    o_G \mathrel{+}= \textstyle\sum_{k} b_k^2, \qquad \psi_l[:, G] \mathrel{+}= \textstyle\sum_k W_{l+1}[:, k]\, b_k,
+
+and a selection of the remaining neurons. When the removed rows of ``A`` are zero the removal is
+exact: the neurons' pre-activations are the constants ``b_k``, which the folds reproduce.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from iso_lightning.axis import AxisTransform, DenseRotation, Extension, HouseholderRotation, Selection
+from iso_lightning.optim import StateRemapper
+from iso_lightning.spaces import Binding, NeuronSpace
+
+__all__ = [
+    "NonFiniteError",
+    "SparsifyReport",
+    "SurgeryReport",
+    "add_boundary",
+    "diagonalise",
+    "grow",
+    "left_basis",
+    "remove_boundary",
+    "resize",
+    "set_widths",
+    "shrink",
+    "singular_values",
+    "sparsify",
+]
+
+# Above this many columns per row the Gram matrix (n x n) is used instead of an SVD of A.
+_GRAM_RATIO = 4
+# Columns per slab when the Gram matrix of a wide A is accumulated in float64.
+_GRAM_SLAB = 8192
+
+
+class NonFiniteError(FloatingPointError):
+    """A tensor of a neuron space holds NaN or Inf; no surgery is computed from it."""
+
+
+@dataclass
+class SurgeryReport:
+    """What one operation did.
+
+    Attributes:
+        op: ``"grow"``, ``"shrink"``, ``"diagonalise"``, ``"add_inputs"`` ...
+        space: the space's name (``"hidden.0"``, ``"input"``, ``"output"``).
+        old_width, new_width: sizes before and after.
+        singular_values: singular values involved (removed ones for a shrink, all for a
+            diagonalisation), float64.
+        error_estimate: first-order size of the change of the next pre-activation per unit input
+            (0 for exact operations). For a shrink it adds the dropped input-dependent part
+            ``||A_removed|| * ||W_{l+1}[:, removed]||`` and every part a disabled fold could not absorb.
+        exact: the operation keeps the function unchanged up to round-off.
+        measured_error: max |Δ output| on ``probe`` inputs when a probe was given, else ``None``.
+        details: extra figures (removed biases, folds applied, ...).
+    """
+
+    op: str
+    space: str
+    old_width: int
+    new_width: int
+    singular_values: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
+    error_estimate: float = 0.0
+    exact: bool = True
+    measured_error: Optional[float] = None
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "op": self.op, "space": self.space, "old_width": self.old_width, "new_width": self.new_width,
+            "singular_values": [float(v) for v in self.singular_values], "error_estimate": self.error_estimate,
+            "exact": self.exact, "measured_error": self.measured_error,
+        }
+
+
+@dataclass
+class SparsifyReport:
+    """Result of :func:`sparsify`: structurally zero weights and the function error they cost."""
+
+    layers: List[int]
+    zero_weights: int
+    total_weights: int
+    max_abs_error: float
+    max_rel_error: float
+    seconds: float
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zero_weights / max(1, self.total_weights)
+
+
+# ---------------------------------------------------------------------------- checks
+def _check_count(name: str, n: Any, minimum: int = 1) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
+        raise ValueError(f"Expected argument `{name}` to be an int >= {minimum}, but got {n!r}.")
+    return n
+
+
+def _check_finite(space: NeuronSpace) -> None:
+    for name, t in space.tensors():
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(
+                f"Space `{space.name}`: tensor {name} holds {bad} non-finite value(s); refusing to operate on it."
+            )
+
+
+def _params(space: NeuronSpace, *extra: NeuronSpace) -> Tuple[List[Tensor], Dict[int, str]]:
+    tensors: Dict[int, Tensor] = {}
+    names: Dict[int, str] = {}
+    for sp in (space,) + extra:
+        for b, _ in sp.neuron_bindings():
+            tensors[id(b.tensor)] = b.tensor
+            names[id(b.tensor)] = f"{type(b.module).__name__}.{b.name}"
+        for b in sp.group_bindings():
+            tensors[id(b.tensor)] = b.tensor
+            names[id(b.tensor)] = f"{type(b.module).__name__}.{b.name}"
+    return list(tensors.values()), names
+
+
+def _remapper(optimizer: Any, on_unknown: str, *spaces: NeuronSpace) -> StateRemapper:
+    remapper = StateRemapper(optimizer, on_unknown)
+    params, names = _params(*spaces)
+    remapper.validate(params, names)
+    return remapper
+
+
+# ---------------------------------------------------------------------------- applying transforms
+def _apply(binding: Binding, transform: AxisTransform, remapper: StateRemapper, fill: Optional[Tensor] = None) -> None:
+    """Apply ``transform`` to one bound tensor, its gradient and its optimizer state."""
+    t = binding.tensor
+    shape = t.shape
+    remapper.apply(t, binding.view, lambda v: binding.shape_back(v, shape), transform)
+    with torch.no_grad():
+        grad = t.grad
+        new_grad = None
+        if grad is not None:
+            new_grad = binding.shape_back(transform.linear(binding.view(grad)), shape)
+        view = binding.view(t.detach())
+        new = binding.shape_back(transform.linear(view, fill), shape)
+        if new.data_ptr() != t.data_ptr() or new.shape != t.shape:
+            # set_ keeps the Parameter object (and so every optimizer and hook reference) alive and
+            # is safe even when an old autograd graph still refers to the parameter.
+            t.set_(new)
+        if grad is not None:
+            t.grad = new_grad
+
+
+def _random(shape: Sequence[int], scale: float, like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    if scale == 0:
+        return like.new_zeros(shape)
+    noise = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    return (scale * noise).to(dtype=like.dtype, device=like.device)
+
+
+def _transform_space(space: NeuronSpace, transform: AxisTransform, remapper: StateRemapper,
+                     consumer_fill: Optional[Any] = None) -> None:
+    for binding, role in space.neuron_bindings():
+        fill = consumer_fill(binding) if (role == "consumer" and consumer_fill is not None) else None
+        _apply(binding, transform, remapper, fill)
+
+
+def _set_group_index(space: NeuronSpace, index: Tensor) -> None:
+    act = space.activation
+    if act is not None and getattr(act, "group_index", None) is not None:
+        act.group_index = index.to(act.group_index.device)
+
+
+# ---------------------------------------------------------------------------- spectra
+def _gram(a: Tensor) -> Tensor:
+    n, d = a.shape
+    g = torch.zeros(n, n, dtype=torch.float64, device=a.device)
+    for start in range(0, d, _GRAM_SLAB):
+        block = a[:, start : start + _GRAM_SLAB].to(torch.float64)
+        g.addmm_(block, block.T)
+    return g
+
+
+def left_basis(a: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""Left singular basis of ``a`` (``n x d``) and its singular values, both float64, descending.
+
+    Returns ``U`` (``n x n``, orthogonal, columns are the basis) and ``sigma`` (``n``, zero-padded).
+    For ``d > 4 n`` the basis comes from the eigenvectors of the float64 Gram matrix :math:`A A^T`
+    (never a ``d x d`` or ``n x d`` factor), and the singular values are recomputed as the row norms
+    of :math:`U^T A`, which stays accurate for small values where the eigenvalues are not.
+    """
+    n, d = a.shape
+    if d <= _GRAM_RATIO * n:
+        u, s, _ = torch.linalg.svd(a.to(torch.float64), full_matrices=d < n)
+        sigma = torch.zeros(n, dtype=torch.float64, device=a.device)
+        sigma[: s.numel()] = s
+        return u, sigma
+    _, vecs = torch.linalg.eigh(_gram(a))
+    u = vecs.flip(1)
+    sigma = _row_norms(u, a)
+    order = torch.argsort(sigma, descending=True, stable=True)
+    return u[:, order], sigma[order]
+
+
+def _row_norms(u: Tensor, a: Tensor) -> Tensor:
+    # || u_k^T A || for every column k of u, slab by slab in float64.
+    out = torch.zeros(u.shape[1], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], _GRAM_SLAB):
+        block = a[:, start : start + _GRAM_SLAB].to(torch.float64)
+        out += (u.T @ block).pow(2).sum(dim=1)
+    return out.sqrt()
+
+
+def _group_rows(space: NeuronSpace) -> List[Tensor]:
+    index = space.group_index()
+    return [torch.nonzero(index == g).flatten() for g in range(space.groups())]
+
+
+def singular_values(space: NeuronSpace) -> Tensor:
+    """Singular values of the space's incoming matrix, per group, concatenated and sorted descending."""
+    _check_finite(space)
+    a = space.incoming_matrix()
+    values = []
+    for rows in _group_rows(space):
+        sub = a[rows]
+        if sub.shape[1] <= _GRAM_RATIO * sub.shape[0]:
+            s = torch.linalg.svdvals(sub.to(torch.float64))
+            values.append(torch.cat([s, s.new_zeros(sub.shape[0] - s.numel())]))
+        else:
+            values.append(left_basis(sub)[1])
+    return torch.sort(torch.cat(values), descending=True).values
+
+
+def _check_basis(u: Tensor, space: NeuronSpace) -> None:
+    if not bool(torch.isfinite(u).all()):
+        raise NonFiniteError(f"Space `{space.name}`: the singular basis is not finite (degenerate spectrum).")
+
+
+def _block_rotation(space: NeuronSpace) -> Tuple[Tensor, Tensor]:
+    """Per-group left bases embedded in one ``n x n`` matrix, and every neuron's singular value."""
+    a = space.incoming_matrix()
+    n = a.shape[0]
+    m = torch.zeros(n, n, dtype=torch.float64, device=a.device)
+    sigma = torch.zeros(n, dtype=torch.float64, device=a.device)
+    for rows in _group_rows(space):
+        u, s = left_basis(a[rows])
+        m[rows.unsqueeze(1), rows.unsqueeze(0)] = u
+        sigma[rows] = s
+    _check_basis(m, space)
+    return m, sigma
+
+
+# ---------------------------------------------------------------------------- operations
+def diagonalise(network: Any, layer: int, mode: str = "left", *, optimizer: Any = None,
+                on_unknown: str = "raise") -> SurgeryReport:
+    """Rewrite a hidden space in its singular basis; the function is unchanged.
+
+    ``mode="left"`` rotates space ``layer`` so that row ``k`` of ``W_l`` carries the ``k``-th singular
+    value (within each group). ``mode="full"`` also rotates the previous hidden space so that ``W_l``
+    itself becomes diagonal (off-diagonal entries are set to exact zeros); it exists only for a
+    hidden-to-hidden layer whose weight is a matrix (dense, or a 1x1 convolution) between two
+    single-group spaces.
+    """
+    if mode not in ("left", "full"):
+        raise ValueError(f"Expected argument `mode` to be 'left' or 'full', but got {mode!r}.")
+    space = network.space(layer)
+    if mode == "left":
+        _check_finite(space)
+        remapper = _remapper(optimizer, on_unknown, space)
+        m, sigma = _block_rotation(space)
+        _transform_space(space, DenseRotation(m), remapper)
+        return SurgeryReport("diagonalise", space.name, space.width, space.width, sigma)
+    return _diagonalise_full(network, layer, optimizer, on_unknown)
+
+
+def _full_weight(network: Any, layer: int) -> Tensor:
+    w = network.layers[layer].weight
+    if layer == 0:
+        raise ValueError(
+            "Expected argument `layer` >= 1 for mode='full': layer 0 reads the network input, which has no "
+            "rotational freedom."
+        )
+    if w.dim() == 4 and w.shape[2:] != (1, 1):
+        raise ValueError(
+            f"Full diagonalisation of layer {layer} needs a 1x1 kernel, but its kernel is "
+            f"{tuple(w.shape[2:])}; use mode='left'."
+        )
+    if w.shape[1] != network.layers[layer - 1].weight.shape[0]:
+        raise ValueError(f"Full diagonalisation of layer {layer} needs a square channel map (no flatten before it).")
+    for sp in (network.space(layer - 1), network.space(layer)):
+        if sp.groups() != 1:
+            raise ValueError(f"Full diagonalisation needs single-group spaces; `{sp.name}` has {sp.groups()} groups.")
+    return w.detach().reshape(w.shape[0], w.shape[1])
+
+
+def _diagonalise_full(network: Any, layer: int, optimizer: Any, on_unknown: str) -> SurgeryReport:
+    w = _full_weight(network, layer)
+    this, previous = network.space(layer), network.space(layer - 1)
+    _check_finite(this)
+    _check_finite(previous)
+    remapper = _remapper(optimizer, on_unknown, this, previous)
+    u, s, vh = torch.linalg.svd(w.to(torch.float64), full_matrices=True)
+    _check_basis(u, this)
+    _check_basis(vh, previous)
+    _transform_space(previous, DenseRotation(vh.T), remapper)
+    _transform_space(this, DenseRotation(u), remapper)
+    weight = network.layers[layer].weight
+    with torch.no_grad():
+        flat = weight.view(weight.shape[0], weight.shape[1])
+        diag = torch.diagonal(flat).clone()
+        flat.zero_()
+        torch.diagonal(flat).copy_(diag)
+    sigma = torch.zeros(this.width, dtype=torch.float64)
+    sigma[: s.numel()] = s
+    return SurgeryReport("diagonalise", this.name, this.width, this.width, sigma, details={"mode": "full"})
+
+
+def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float = 0.01, group: Optional[int] = None,
+         generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> SurgeryReport:
+    """Append ``n`` neurons: zero incoming rows, bias and correction, outgoing columns ``scale * N(0, 1)``.
+
+    The new pre-activations are exactly zero for every input, so norms and outputs are unchanged.
+    The outgoing columns must not be zero: a neuron with a zero column receives no gradient.
+    ``group`` picks the group of a grouped space (default: the smallest group).
+    """
+    n = _check_count("n", n)
+    if not (isinstance(scale, (int, float)) and scale >= 0):
+        raise ValueError(f"Expected argument `scale` to be a number >= 0, but got {scale!r}.")
+    groups = space.groups()
+    index = space.group_index()
+    if group is None:
+        group = int(torch.argmin(torch.bincount(index, minlength=groups))) if groups > 1 else 0
+    if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < groups:
+        raise ValueError(f"Expected argument `group` to be an int in [0, {groups - 1}], but got {group!r}.")
+    _check_finite(space)
+    remapper = _remapper(optimizer, on_unknown, space)
+    old = space.width
+
+    def fill(binding: Binding) -> Tensor:
+        view = binding.view(binding.tensor)
+        return _random((view.shape[0], n, view.shape[2]), scale, view, generator)
+
+    _transform_space(space, Extension(n), remapper, consumer_fill=fill)
+    _set_group_index(space, torch.cat([index, index.new_full((n,), group)]))
+    return SurgeryReport("grow", space.name, old, old + n, details={"group": group, "scale": scale})
+
+
+def _pick_removals(sigma_by_group: List[Tensor], n: int, space: NeuronSpace) -> List[int]:
+    """How many directions to take from each group: the ``n`` smallest overall, keeping one per group."""
+    candidates = []
+    for g, s in enumerate(sigma_by_group):
+        ordered = torch.sort(s).values[: max(0, s.numel() - 1)]  # the largest one always stays
+        candidates += [(float(v), g) for v in ordered]
+    if n > len(candidates):
+        raise ValueError(
+            f"Expected argument `n` to leave at least one neuron per group in `{space.name}` "
+            f"(width {space.width}, {len(sigma_by_group)} group(s)), but got n={n}."
+        )
+    candidates.sort(key=lambda c: c[0])
+    counts = [0] * len(sigma_by_group)
+    for _, g in candidates[:n]:
+        counts[g] += 1
+    return counts
+
+
+def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe: Optional[Tensor] = None,
+           on_unknown: str = "raise") -> SurgeryReport:
+    """Remove the ``n`` weakest directions of hidden space ``layer`` (see the module docstring).
+
+    Refuses to leave a space (or a group) without neurons. The report lists the removed singular
+    values and biases, the folds applied and an error estimate; with ``probe`` inputs it also
+    measures the largest change of the network output.
+    """
+    space = network.space(layer)
+    n = _check_count("n", n)
+    if n >= space.width:
+        raise ValueError(
+            f"Expected argument `n` to be smaller than the width of `{space.name}` ({space.width}): a space keeps "
+            f"at least one neuron, but got n={n}."
+        )
+    _check_finite(space)
+    remapper = _remapper(optimizer, on_unknown, space)
+    before = _probe(network, probe)
+    a = space.incoming_matrix()
+    rows_by_group = _group_rows(space)
+    grams = [_gram(a[rows]) for rows in rows_by_group]
+    eig = [torch.linalg.eigh(g) for g in grams]
+    for vals, vecs in eig:
+        if not (bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all())):
+            raise NonFiniteError(f"Space `{space.name}`: eigen-decomposition is not finite.")
+    counts = _pick_removals([vals.clamp_min(0).sqrt() for vals, _ in eig], n, space)
+
+    # Householder reflectors that bring each group's weakest directions to its first positions.
+    width = space.width
+    reflectors, taus, removed = [], [], []
+    for rows, (vals, vecs), k in zip(rows_by_group, eig, counts):
+        if k == 0:
+            continue
+        bottom = vecs[:, :k]  # eigh sorts ascending
+        qr, tau = torch.geqrf(bottom)
+        v = torch.zeros(width, k, dtype=torch.float64)
+        v[rows] = torch.tril(qr, -1) + torch.eye(rows.numel(), k, dtype=torch.float64)
+        reflectors.append(v)
+        taus.append(tau)
+        removed.append(rows[:k])
+    v_all, tau_all = torch.cat(reflectors, 1), torch.cat(taus)
+    rotation: AxisTransform = _HouseholderFromV(v_all, tau_all)
+    if v_all.shape[1] ** 2 > width:
+        rotation = DenseRotation(rotation.dense())  # type: ignore[attr-defined]
+    removed_idx = torch.sort(torch.cat(removed)).values
+
+    _transform_space(space, rotation, remapper)
+    details = _fold(space, removed_idx)
+    a_removed = space.incoming_matrix()[removed_idx].to(torch.float64)
+    residual = float(a_removed.norm())
+    sigma_removed = torch.linalg.svdvals(a_removed) if a_removed.numel() else a_removed.new_zeros(0)
+    out_view = space.weight_out.view(space.weight_out.tensor.detach())  # type: ignore[union-attr]
+    out_norm = float(out_view[:, removed_idx].to(torch.float64).norm())
+
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[removed_idx] = False
+    keep_idx = torch.nonzero(keep).flatten()
+    index = space.group_index()
+    _transform_space(space, Selection(keep_idx), remapper)
+    _set_group_index(space, _compact_groups(index[keep_idx]))
+
+    scale = max(1.0, float(a.to(torch.float64).norm()))
+    tol = 64 * torch.finfo(a.dtype).eps * scale
+    estimate = residual * out_norm + details["unabsorbed"]
+    report = SurgeryReport("shrink", space.name, width, width - n, sigma_removed, estimate,
+                           exact=residual <= tol and details["unabsorbed"] == 0.0 and not details["clamped"],
+                           details=details)
+    report.details["residual"] = residual
+    report.measured_error = _probe_error(network, probe, before)
+    return report
+
+
+class _HouseholderFromV(HouseholderRotation):
+    """Householder rotation from explicit unit reflectors (possibly spread over several groups)."""
+
+    def __init__(self, v: Tensor, tau: Tensor) -> None:  # noqa: D107 - same maths as the parent
+        k = v.shape[1]
+        t = torch.zeros(k, k, dtype=v.dtype)
+        for i in range(k):
+            t[i, i] = tau[i]
+            if i:
+                t[:i, i] = -tau[i] * (t[:i, :i] @ (v[:, :i].T @ v[:, i]))
+        self.v, self.t = v, t
+
+
+def _compact_groups(index: Tensor) -> Tensor:
+    return index  # every group keeps at least one neuron in a shrink
+
+
+def _fold(space: NeuronSpace, removed: Tensor) -> Dict[str, Any]:
+    """Absorb the constant part of the removed neurons into ``o`` and the next correction."""
+    bias = space.bias.tensor.detach()  # type: ignore[union-attr]
+    b = bias[removed].to(torch.float64)
+    groups = space.group_index()[removed]
+    act = space.activation
+    clamped = False
+    unabsorbed = 0.0
+    w_out = space.weight_out  # type: ignore[union-attr]
+    out_view = w_out.view(w_out.tensor.detach()).to(torch.float64)[:, removed]  # (pre, k, rest)
+    contribution = out_view * b[None, :, None]
+    with torch.no_grad():
+        length = None if act is None else act.length
+        if length is not None:
+            add = torch.zeros(length.shape[0], dtype=torch.float64).index_add(0, groups, b * b)
+            new = length.detach().to(torch.float64).abs() + add
+            if act.length_mode == "trainable" and bool((new > act.max_length).any()):
+                clamped = True
+            length.copy_(new.to(length.dtype))
+        else:
+            unabsorbed += float((b * b).sum())
+        if space.correction_out is not None:
+            psi = space.correction_out
+            view = psi.view(psi.tensor.detach())
+            delta = torch.zeros(view.shape, dtype=torch.float64).index_add(1, groups, contribution)
+            psi.tensor.copy_(psi.shape_back(view.to(torch.float64) + delta, psi.tensor.shape).to(psi.tensor.dtype))
+        else:
+            unabsorbed += float(contribution.norm())
+    return {"removed_bias": b.tolist(), "unabsorbed": unabsorbed, "clamped": clamped,
+            "folded_length": length is not None, "folded_psi": space.correction_out is not None}
+
+
+def _probe(network: Any, probe: Optional[Tensor]) -> Optional[Tensor]:
+    if probe is None:
+        return None
+    with torch.no_grad():
+        return network(probe).detach().clone()
+
+
+def _probe_error(network: Any, probe: Optional[Tensor], before: Optional[Tensor]) -> Optional[float]:
+    if probe is None or before is None:
+        return None
+    after = _probe(network, probe)
+    return float((after - before).abs().max())  # type: ignore[operator]
+
+
+def resize(network: Any, layer: int, width: int, *, optimizer: Any = None, generator: Optional[torch.Generator] = None,
+           on_unknown: str = "raise") -> Optional[SurgeryReport]:
+    """Grow or shrink hidden space ``layer`` to ``width`` neurons (``None`` when it already has that width)."""
+    width = _check_count("width", width)
+    current = network.space(layer).width
+    if width > current:
+        return network.grow(layer, width - current, optimizer=optimizer, generator=generator, on_unknown=on_unknown)
+    if width < current:
+        return network.shrink(layer, current - width, optimizer=optimizer, on_unknown=on_unknown)
+    return None
+
+
+def set_widths(network: Any, widths: Union[Mapping[int, int], Sequence[int]], *, optimizer: Any = None,
+               generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> List[SurgeryReport]:
+    """Resize several hidden spaces, **last hidden layer first** (the order rule of this module).
+
+    ``widths`` is a list with one width per hidden space, or a mapping ``{layer: width}``. All entries
+    are validated before any space changes.
+    """
+    if isinstance(widths, Mapping):
+        plan = dict(widths)
+    elif isinstance(widths, (list, tuple)):
+        if len(widths) != network.num_hidden:
+            raise ValueError(
+                f"Expected argument `widths` to have {network.num_hidden} entries (one per hidden layer), "
+                f"but got {len(widths)}."
+            )
+        plan = dict(enumerate(widths))
+    else:
+        raise ValueError(f"Expected argument `widths` to be a list or a mapping, but got {type(widths).__name__}.")
+    for layer, width in plan.items():
+        network._check_layer(layer)
+        _check_count("widths", width)
+    reports = []
+    for layer in sorted(plan, reverse=True):
+        report = resize(network, layer, plan[layer], optimizer=optimizer, generator=generator, on_unknown=on_unknown)
+        if report is not None:
+            reports.append(report)
+    return reports
+
+
+def _boundary(network: Any, which: str) -> NeuronSpace:
+    return network.input_space() if which == "input" else network.output_space()
+
+
+def add_boundary(network: Any, which: str, n: int, *, optimizer: Any = None, scale: float = 0.0,
+                 generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> SurgeryReport:
+    """Append ``n`` input features (new columns of ``W_1``) or outputs (new rows of ``W_L``)."""
+    n = _check_count("n", n)
+    if not (isinstance(scale, (int, float)) and scale >= 0):
+        raise ValueError(f"Expected argument `scale` to be a number >= 0, but got {scale!r}.")
+    space = _boundary(network, which)
+    _check_finite(space)
+    remapper = _remapper(optimizer, on_unknown, space)
+    old = space.width
+    for binding, role in space.neuron_bindings():
+        view = binding.view(binding.tensor)
+        is_weight = binding.name == "weight"
+        fill = _random((view.shape[0], n, view.shape[2]), scale if is_weight else 0.0, view, generator)
+        _apply(binding, Extension(n), remapper, fill)
+    exact = which == "output" or scale == 0
+    return SurgeryReport(f"add_{which}s", space.name, old, old + n, exact=exact, details={"scale": scale})
+
+
+def remove_boundary(network: Any, which: str, indices: Sequence[int], *, optimizer: Any = None,
+                    on_unknown: str = "raise") -> SurgeryReport:
+    """Delete input features or outputs by index."""
+    space = _boundary(network, which)
+    width = space.width
+    try:
+        chosen = sorted({int(i) for i in indices})
+    except TypeError:
+        raise ValueError(f"Expected argument `indices` to be a sequence of ints, but got {indices!r}.") from None
+    if not chosen or chosen[0] < 0 or chosen[-1] >= width or len(chosen) >= width:
+        raise ValueError(
+            f"Expected argument `indices` to name between 1 and {width - 1} distinct {which}s in [0, {width - 1}], "
+            f"but got {list(indices)!r}."
+        )
+    _check_finite(space)
+    remapper = _remapper(optimizer, on_unknown, space)
+    keep = torch.tensor([i for i in range(width) if i not in set(chosen)], dtype=torch.long)
+    removed_norm = 0.0
+    if which == "input":
+        b = space.consumers[0]
+        removed_norm = float(b.view(b.tensor.detach())[:, chosen].to(torch.float64).norm())
+    for binding, _ in space.neuron_bindings():
+        _apply(binding, Selection(keep), remapper)
+    return SurgeryReport(f"remove_{which}s", space.name, width, width - len(chosen), error_estimate=removed_norm,
+                         exact=removed_norm == 0.0, details={"indices": chosen})
+
+
+def sparsify(network: Any, *, optimizer: Any = None, probe: Optional[Tensor] = None,
+             on_unknown: str = "raise") -> SparsifyReport:
+    r"""Alternating full diagonalisation: make hidden-to-hidden weights ``W_1, W_3, ...`` diagonal.
+
+    Diagonalising ``W_l`` rotates spaces ``l - 1`` and ``l``, which undoes any diagonal form of
+    ``W_{l-1}`` and ``W_{l+1}``, so every other layer is diagonalised; in a deep dense network about
+    half of the weights become structurally zero. ``probe`` inputs (default: 256 standard normal
+    samples) measure the function error.
+    """
+    import time
+
+    layers = list(range(1, network.num_hidden, 2))
+    for layer in layers:
+        _full_weight(network, layer)
+    if probe is None:
+        g = torch.Generator().manual_seed(0)
+        first = network.layers[0].weight
+        shape = (256, network.in_features) if first.dim() == 2 else None
+        if shape is None:
+            raise ValueError("Expected argument `probe` for a convolutional network (its input shape is not known).")
+        probe = torch.randn(*shape, generator=g).to(first.dtype)
+    before = _probe(network, probe)
+    start = time.perf_counter()
+    for layer in layers:
+        _diagonalise_full(network, layer, optimizer, on_unknown)
+    seconds = time.perf_counter() - start
+    after = _probe(network, probe)
+    zero = sum(int((network.layers[layer].weight == 0).sum()) for layer in layers)
+    total = sum(layer.weight.numel() for layer in network.layers)
+    err = float((after - before).abs().max())  # type: ignore[operator]
+    rel = err / max(float(before.abs().max()), 1e-30)  # type: ignore[union-attr]
+    return SparsifyReport(layers, zero, total, err, rel, seconds)
