@@ -1,0 +1,185 @@
+"""Core benchmarks, measured side by side in one run (ratios, not absolute times).
+
+    python benchmarks/bench_core.py            # full sizes (about 3 minutes on 2 cores)
+    python benchmarks/bench_core.py --quick    # smaller sizes, for a smoke run
+
+(a) training-step time of an isotropic MLP over a same-shape ``nn.Tanh`` MLP, [3072, 500, 500, 10],
+    batch 48, AdamW; the two are interleaved step by step so machine drift hits both alike.
+(b) one grow and one shrink (with AdamW state remapping) of each hidden layer, as a fraction of one
+    training epoch over 50,000 samples (epoch time = measured step time x 50,000 / 48).
+(c) shrinking 50 neurons at once over shrinking one neuron at a time 50 times.
+(d) peak extra memory (resident set) of a shrink on a 150,528 -> 1,024 layer, in a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from iso_lightning import IsotropicMLP
+
+
+def _tanh_mlp(sizes):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def _copy_weights(iso: IsotropicMLP, ref: nn.Sequential) -> None:
+    linears = [m for m in ref if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for a, b in zip(iso.layers, linears):
+            b.weight.copy_(a.weight)
+            b.bias.copy_(a.bias)
+
+
+def _stepper(model, batch):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-3)
+    x, y = batch
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if hasattr(model, "regularisation"):
+            loss = loss + model.regularisation()
+        loss.backward()
+        opt.step()
+
+    return step, opt
+
+
+def bench_step(sizes, batch_size, steps, psi, length):
+    g = torch.Generator().manual_seed(0)
+    iso = IsotropicMLP(sizes, psi=psi, length=length, generator=g)
+    ref = _tanh_mlp(sizes)
+    _copy_weights(iso, ref)
+    batch = (torch.randn(batch_size, sizes[0], generator=g), torch.randint(0, sizes[-1], (batch_size,), generator=g))
+    step_iso, _ = _stepper(iso, batch)
+    step_ref, _ = _stepper(ref, batch)
+    for _ in range(5):
+        step_iso()
+        step_ref()
+    t_iso, t_ref = [], []
+    for _ in range(steps):
+        for fn, acc in ((step_iso, t_iso), (step_ref, t_ref)):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+    return statistics.median(t_iso), statistics.median(t_ref)
+
+
+def bench_ops(sizes, batch_size, repeats, epoch_samples):
+    g = torch.Generator().manual_seed(1)
+    net = IsotropicMLP(sizes, psi="decay", length="trainable", generator=g)
+    batch = (torch.randn(batch_size, sizes[0], generator=g), torch.randint(0, sizes[-1], (batch_size,), generator=g))
+    step, opt = _stepper(net, batch)
+    for _ in range(3):
+        step()
+    rows = []
+    for layer in range(net.num_hidden):
+        t_step, t_grow, t_shrink = [], [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            t_step.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            net.grow(layer, 1, optimizer=opt, generator=g)
+            t_grow.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            net.shrink(layer, 1, optimizer=opt)
+            t_shrink.append(time.perf_counter() - start)
+        epoch = statistics.median(t_step) * epoch_samples / batch_size
+        rows.append((layer, statistics.median(t_grow), statistics.median(t_shrink), epoch))
+    return rows
+
+
+def bench_batch_shrink(sizes, k, repeats):
+    g = torch.Generator().manual_seed(2)
+    base = IsotropicMLP(sizes, psi="decay", length="trainable", generator=g)
+    x = torch.randn(8, sizes[0], generator=g)
+    base(x).sum().backward()
+    t_once, t_loop = [], []
+    for _ in range(repeats):
+        for mode, acc in (("once", t_once), ("loop", t_loop)):
+            net = IsotropicMLP(sizes, psi="decay", length="trainable")
+            net.load_state_dict(base.state_dict())
+            opt = torch.optim.AdamW(net.parameters())
+            net(x).sum().backward()
+            opt.step()
+            start = time.perf_counter()
+            if mode == "once":
+                net.shrink(0, k, optimizer=opt)
+            else:
+                for _ in range(k):
+                    net.shrink(0, 1, optimizer=opt)
+            acc.append(time.perf_counter() - start)
+    return statistics.median(t_once), statistics.median(t_loop)
+
+
+_MEMORY_CHILD = r"""
+import json, resource, sys, torch
+from iso_lightning import IsotropicMLP
+inputs, width = int(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+net = IsotropicMLP([inputs, width, 10], psi="decay", length="trainable")
+opt = torch.optim.AdamW(net.parameters())
+x = torch.randn(2, inputs)
+net(x).sum().backward()
+opt.step()
+opt.zero_grad(set_to_none=True)
+del x
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+weight = net.layers[0].weight.numel() * net.layers[0].weight.element_size()
+net.shrink(0, 1, optimizer=opt)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"extra_bytes": (peak - base) * 1024, "weight_bytes": weight, "width": net.hidden_widths[0]}))
+"""
+
+
+def bench_memory(inputs, width):
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(inputs), str(width)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        sizes, steps, repeats, mem = [256, 64, 64, 10], 20, 3, (4096, 64)
+    else:
+        sizes, steps, repeats, mem = [3072, 500, 500, 10], 200, 15, (150528, 1024)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sizes {sizes}, batch 48")
+
+    t_iso, t_ref = bench_step(sizes, 48, steps, psi="decay", length="trainable")
+    print(f"(a) step time isotropic / nn.Tanh MLP: {t_iso / t_ref:.3f}  "
+          f"(isotropic {t_iso * 1e3:.2f} ms, tanh {t_ref * 1e3:.2f} ms, median of {steps} interleaved steps)")
+
+    for layer, grow, shrink, epoch in bench_ops(sizes, 48, repeats, 50_000):
+        print(f"(b) hidden layer {layer}: grow {grow * 1e3:.2f} ms = {100 * grow / epoch:.4f} % of an epoch, "
+              f"shrink {shrink * 1e3:.2f} ms = {100 * shrink / epoch:.4f} % (epoch {epoch:.1f} s)")
+
+    k = 50 if not args.quick else 10
+    once, loop = bench_batch_shrink(sizes, k, max(3, repeats // 5))
+    print(f"(c) shrink {k} at once / {k} single shrinks: {once / loop:.3f}  "
+          f"({once * 1e3:.1f} ms vs {loop * 1e3:.1f} ms)")
+
+    m = bench_memory(*mem)
+    print(f"(d) peak extra memory of a shrink on a {mem[0]:,} -> {mem[1]:,} layer (AdamW): "
+          f"{m['extra_bytes'] / 2**30:.3f} GiB (the weight itself is {m['weight_bytes'] / 2**30:.3f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
