@@ -26,7 +26,8 @@ def _partition(width: int, group_size: Optional[int], partition: Optional[Sequen
         return torch.arange(width) // group_size
     if partition is not None:
         index = torch.as_tensor(list(partition), dtype=torch.long)
-        if index.numel() != width or (index.numel() and (index.min() < 0 or set(index.tolist()) != set(range(int(index.max()) + 1)))):
+        used = set(index.tolist())
+        if index.numel() != width or (used and (min(used) < 0 or used != set(range(max(used) + 1)))):
             raise ValueError(
                 f"Expected argument `partition` to give a group 0..m-1 for each of the {width} channels, "
                 f"using every group, but got {list(partition)!r}."

@@ -155,11 +155,17 @@ class Selection(AxisTransform):
 
     def __init__(self, index: Tensor) -> None:
         self.index = index.to(torch.long)
+        first = int(self.index[0]) if self.index.numel() else 0
+        # A run of consecutive entries is taken as a narrow view: no copy of a wide weight.
+        span = torch.arange(first, first + self.index.numel())
+        self.run = (first, self.index.numel()) if torch.equal(self.index.cpu(), span) else None
 
     def new_size(self, n: int) -> int:
         return int(self.index.numel())
 
     def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+        if self.run is not None:
+            return view.narrow(1, *self.run)
         return view.index_select(1, self.index.to(view.device))
 
     quadratic = linear

@@ -41,7 +41,7 @@ def read_idx(path: Union[str, os.PathLike]) -> Tensor:
     ndim = data[3]
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_TYPES[data[2]])
+    dtype = np.dtype(_IDX_TYPES[data[2]])  # type: ignore[call-overload]
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(data) - header != expected:
         raise ValueError(f"{path} is truncated or padded: expected {expected} data bytes for shape {dims}, "

@@ -191,7 +191,7 @@ class _IsotropicFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h, grad_s):  # type: ignore[no-untyped-def]
         z, s_full, slope = ctx.saved_tensors
-        dim, group_index, groups = ctx.dim, ctx.group_index, ctx.groups
+        dim, group_index = ctx.dim, ctx.group_index
         if grad_h is None:
             grad_h = torch.zeros_like(z)
         if group_index is None:

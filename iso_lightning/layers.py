@@ -15,7 +15,7 @@ and convolutional layers alike: its contribution ``W_* b_* s`` *is* a correction
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +170,7 @@ class IsotropicNetwork(nn.Module):
             z = layer(h, s)
             if index == last:
                 return z
-            h, s = self.activations[index].forward_with_scale(z)
+            h, s = self.activation(index).forward_with_scale(z)
         raise AssertionError("unreachable")
 
     def regularisation(self) -> Tensor:
@@ -182,12 +182,21 @@ class IsotropicNetwork(nn.Module):
         total = first.new_zeros(())
         if self.psi_mode != "decay":
             return total
-        for layer in self.layers:
-            if layer.correction is not None:
-                total = total + layer.correction.pow(2).sum()
+        for index in range(len(self.layers)):
+            correction = self.affine(index).correction
+            if correction is not None:
+                total = total + correction.pow(2).sum()
         return self.psi_decay * total
 
     # ------------------------------------------------------------------ spaces
+    def affine(self, index: int) -> Union[IsoLinear, IsoConv2d]:
+        """Affine layer ``index`` (``0 .. num_hidden``)."""
+        return cast(Union[IsoLinear, IsoConv2d], self.layers[index])
+
+    def activation(self, index: int) -> IsotropicActivation:
+        """Activation of hidden space ``index``."""
+        return cast(IsotropicActivation, self.activations[index])
+
     @property
     def num_hidden(self) -> int:
         """Number of hidden spaces."""
@@ -200,17 +209,15 @@ class IsotropicNetwork(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.layers[0].weight.shape[1]
+        return int(self.affine(0).weight.shape[1])
 
     @property
     def out_features(self) -> int:
-        return self.layers[-1].weight.shape[0]
+        return int(self.affine(len(self.layers) - 1).weight.shape[0])
 
     def _inner(self, index: int) -> int:
         """Entries per neuron of space ``index`` along the next layer's input axis."""
-        nxt = self.layers[index + 1]
-        act_width = self.layers[index].weight.shape[0]
-        return nxt.weight.shape[1] // act_width
+        return int(self.affine(index + 1).weight.shape[1] // self.affine(index).weight.shape[0])
 
     def space(self, layer: int) -> NeuronSpace:
         """The :class:`NeuronSpace` of hidden space ``layer``."""
@@ -222,7 +229,7 @@ class IsotropicNetwork(nn.Module):
         inner = self._inner(layer)
         consumers = [Binding(nxt, "weight", 1, inner)]
         correction_out = Binding(nxt, "correction", 1, inner) if nxt.correction is not None else None
-        return NeuronSpace(f"hidden.{layer}", "hidden", producers, consumers, self.activations[layer], correction_out)
+        return NeuronSpace(f"hidden.{layer}", "hidden", producers, consumers, self.activation(layer), correction_out)
 
     def input_space(self) -> NeuronSpace:
         return NeuronSpace("input", "input", [], [Binding(self.layers[0], "weight", 1)])
@@ -251,7 +258,8 @@ class IsotropicNetwork(nn.Module):
             "in_features": self.in_features,
             "out_features": self.out_features,
             "hidden_widths": self.hidden_widths,
-            "groups": [a.group_index.tolist() if a.group_index is not None else None for a in self.activations],
+            "groups": [None if a.group_index is None else a.group_index.tolist()
+                       for a in map(self.activation, range(self.num_hidden))],
         }
 
     # ------------------------------------------------------------------ surgery (see surgery.py)
@@ -327,7 +335,7 @@ class IsotropicNetwork(nn.Module):
         return surgery.remove_boundary(self, "output", indices, optimizer=optimizer, on_unknown=on_unknown)
 
     def sparsify(self, *, optimizer: Any = None, probe: Optional[Tensor] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
-        """Fully diagonalise alternate hidden-to-hidden layers; returns a :class:`~iso_lightning.surgery.SparsifyReport`."""
+        """Fully diagonalise alternate hidden-to-hidden layers (see :func:`iso_lightning.surgery.sparsify`)."""
         from iso_lightning import surgery
 
         return surgery.sparsify(self, optimizer=optimizer, probe=probe, on_unknown=on_unknown)
@@ -341,7 +349,9 @@ def _check_sizes(name: str, sizes: Any, minimum: int) -> List[int]:
     if not isinstance(sizes, (list, tuple)) or len(sizes) < minimum or not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes
     ):
-        raise ValueError(f"Expected argument `{name}` to be a list of at least {minimum} positive ints, but got {sizes!r}.")
+        raise ValueError(
+            f"Expected argument `{name}` to be a list of at least {minimum} positive ints, but got {sizes!r}."
+        )
     return list(sizes)
 
 
@@ -384,7 +394,7 @@ class IsotropicMLP(IsotropicNetwork):
         for i in range(len(sizes) - 1):
             groups = acts[i - 1].groups if i > 0 else None
             layers.append(IsoLinear(sizes[i], sizes[i + 1], groups, psi))
-            _init_weight(layers[-1].weight, init, generator)
+            _init_weight(cast(Tensor, layers[-1].weight), init, generator)
         super().__init__(layers, acts, psi=psi, psi_decay=psi_decay, growth_scale=growth_scale)
 
 
@@ -443,7 +453,7 @@ class IsotropicConvNet(IsotropicNetwork):
         previous = in_channels
         for i, (c, k, s, p) in enumerate(zip(channels, kernels, strides, paddings)):
             layers.append(IsoConv2d(previous, c, k, s, p, acts[-1].groups if acts else None, psi))
-            _init_weight(layers[-1].weight, init, generator)
+            _init_weight(cast(Tensor, layers[-1].weight), init, generator)
             acts.append(IsotropicActivation(c, dim=1, group_size=group_size, **kwargs))
             h, w = _conv_out(h, k, s, p), _conv_out(w, k, s, p)
             if h < 1 or w < 1:
@@ -452,7 +462,7 @@ class IsotropicConvNet(IsotropicNetwork):
         features, spatial = previous * h * w, h * w
         for width in list(hidden) + [num_outputs]:
             layers.append(IsoLinear(features, width, acts[-1].groups * spatial, psi))
-            _init_weight(layers[-1].weight, init, generator)
+            _init_weight(cast(Tensor, layers[-1].weight), init, generator)
             if len(acts) < n + len(hidden):
                 acts.append(IsotropicActivation(width, dim=-1, group_size=group_size, **kwargs))
             features, spatial = width, 1

@@ -14,6 +14,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from iso_lightning.activations import IsotropicActivation
+
 __all__ = ["Binding", "NeuronSpace"]
 
 
@@ -73,7 +75,7 @@ class NeuronSpace:
     kind: str
     producers: List[Binding] = field(default_factory=list)
     consumers: List[Binding] = field(default_factory=list)
-    activation: Optional[nn.Module] = None
+    activation: Optional[IsotropicActivation] = None
     correction_out: Optional[Binding] = None
 
     @property
@@ -106,7 +108,7 @@ class NeuronSpace:
     def group_bindings(self) -> List[Binding]:
         out: List[Binding] = []
         act = self.activation
-        if act is not None and getattr(act, "length", None) is not None:
+        if act is not None and act.length is not None:
             out.append(Binding(act, "length", 0))
         if self.correction_out is not None:
             out.append(self.correction_out)
@@ -122,13 +124,11 @@ class NeuronSpace:
         return list(seen.values())
 
     def groups(self) -> int:
-        act = self.activation
-        return 1 if act is None else int(getattr(act, "groups", 1))
+        return 1 if self.activation is None else self.activation.groups
 
     def group_index(self) -> Tensor:
         """The group of every neuron (zeros for a single group)."""
-        act = self.activation
-        index = None if act is None else getattr(act, "group_index", None)
+        index = None if self.activation is None else self.activation.group_index
         if index is None:
             return torch.zeros(self.width, dtype=torch.long)
         return index

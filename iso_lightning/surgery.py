@@ -30,7 +30,6 @@ exact: the neurons' pre-activations are the constants ``b_k``, which the folds r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -128,6 +127,10 @@ def _check_count(name: str, n: Any, minimum: int = 1) -> int:
 
 def _check_finite(space: NeuronSpace) -> None:
     for name, t in space.tensors():
+        # One reduction first: a NaN or Inf anywhere makes the sum non-finite. Only then (or on an
+        # overflowing sum of finite values) pay for the element-wise test.
+        if t.is_floating_point() and bool(torch.isfinite(t.detach().sum())):
+            continue
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise NonFiniteError(
@@ -171,7 +174,7 @@ def _apply(binding: Binding, transform: AxisTransform, remapper: StateRemapper, 
         if new.data_ptr() != t.data_ptr() or new.shape != t.shape:
             # set_ keeps the Parameter object (and so every optimizer and hook reference) alive and
             # is safe even when an old autograd graph still refers to the parameter.
-            t.set_(new)
+            t.set_(new)  # type: ignore[call-overload]
         if grad is not None:
             t.grad = new_grad
 
@@ -192,16 +195,27 @@ def _transform_space(space: NeuronSpace, transform: AxisTransform, remapper: Sta
 
 def _set_group_index(space: NeuronSpace, index: Tensor) -> None:
     act = space.activation
-    if act is not None and getattr(act, "group_index", None) is not None:
+    if act is not None and act.group_index is not None:
         act.group_index = index.to(act.group_index.device)
 
 
 # ---------------------------------------------------------------------------- spectra
-def _gram(a: Tensor) -> Tensor:
+def _working_dtype(a: Tensor) -> torch.dtype:
+    # Spectra are computed in the weights' own precision, float32 at least. The Gram matrix squares
+    # the condition number, so in float32 singular values below ~3e-4 of the largest are not resolved
+    # from each other; removing any of them costs at most that much, and the report gives the norm
+    # of what was actually removed (recomputed from the rotated rows, which is accurate).
+    return torch.float64 if a.dtype == torch.float64 else torch.float32
+
+
+def _gram(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     n, d = a.shape
-    g = torch.zeros(n, n, dtype=torch.float64, device=a.device)
+    if d <= _GRAM_SLAB:
+        block = a.to(dtype)
+        return block @ block.T
+    g = torch.zeros(n, n, dtype=dtype, device=a.device)
     for start in range(0, d, _GRAM_SLAB):
-        block = a[:, start : start + _GRAM_SLAB].to(torch.float64)
+        block = a[:, start : start + _GRAM_SLAB].to(dtype)
         g.addmm_(block, block.T)
     return g
 
@@ -408,7 +422,8 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     before = _probe(network, probe)
     a = space.incoming_matrix()
     rows_by_group = _group_rows(space)
-    grams = [_gram(a[rows]) for rows in rows_by_group]
+    work = _working_dtype(a)
+    grams = [_gram(a if len(rows_by_group) == 1 else a[rows], work) for rows in rows_by_group]
     eig = [torch.linalg.eigh(g) for g in grams]
     for vals, vecs in eig:
         if not (bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all())):
@@ -418,13 +433,13 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     # Householder reflectors that bring each group's weakest directions to its first positions.
     width = space.width
     reflectors, taus, removed = [], [], []
-    for rows, (vals, vecs), k in zip(rows_by_group, eig, counts):
+    for rows, (_, vecs), k in zip(rows_by_group, eig, counts):
         if k == 0:
             continue
         bottom = vecs[:, :k]  # eigh sorts ascending
         qr, tau = torch.geqrf(bottom)
-        v = torch.zeros(width, k, dtype=torch.float64)
-        v[rows] = torch.tril(qr, -1) + torch.eye(rows.numel(), k, dtype=torch.float64)
+        v = torch.zeros(width, k, dtype=work)
+        v[rows] = torch.tril(qr, -1) + torch.eye(rows.numel(), k, dtype=work)
         reflectors.append(v)
         taus.append(tau)
         removed.append(rows[:k])
@@ -440,7 +455,7 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     residual = float(a_removed.norm())
     sigma_removed = torch.linalg.svdvals(a_removed) if a_removed.numel() else a_removed.new_zeros(0)
     out_view = space.weight_out.view(space.weight_out.tensor.detach())  # type: ignore[union-attr]
-    out_norm = float(out_view[:, removed_idx].to(torch.float64).norm())
+    out_norm = float(out_view[:, removed_idx].norm())
 
     keep = torch.ones(width, dtype=torch.bool)
     keep[removed_idx] = False
@@ -449,7 +464,7 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     _transform_space(space, Selection(keep_idx), remapper)
     _set_group_index(space, _compact_groups(index[keep_idx]))
 
-    scale = max(1.0, float(a.to(torch.float64).norm()))
+    scale = max(1.0, float(a.norm()))
     tol = 64 * torch.finfo(a.dtype).eps * scale
     estimate = residual * out_norm + details["unabsorbed"]
     report = SurgeryReport("shrink", space.name, width, width - n, sigma_removed, estimate,
@@ -485,12 +500,13 @@ def _fold(space: NeuronSpace, removed: Tensor) -> Dict[str, Any]:
     act = space.activation
     clamped = False
     unabsorbed = 0.0
-    w_out = space.weight_out  # type: ignore[union-attr]
-    out_view = w_out.view(w_out.tensor.detach()).to(torch.float64)[:, removed]  # (pre, k, rest)
+    w_out = space.weight_out
+    assert w_out is not None, "a hidden space always has a consumer"
+    out_view = w_out.view(w_out.tensor.detach())[:, removed].to(torch.float64)  # (pre, k, rest)
     contribution = out_view * b[None, :, None]
     with torch.no_grad():
         length = None if act is None else act.length
-        if length is not None:
+        if act is not None and length is not None:
             add = torch.zeros(length.shape[0], dtype=torch.float64).index_add(0, groups, b * b)
             new = length.detach().to(torch.float64).abs() + add
             if act.length_mode == "trainable" and bool((new > act.max_length).any()):
@@ -578,7 +594,7 @@ def add_boundary(network: Any, which: str, n: int, *, optimizer: Any = None, sca
     _check_finite(space)
     remapper = _remapper(optimizer, on_unknown, space)
     old = space.width
-    for binding, role in space.neuron_bindings():
+    for binding, _ in space.neuron_bindings():
         view = binding.view(binding.tensor)
         is_weight = binding.name == "weight"
         fill = _random((view.shape[0], n, view.shape[2]), scale if is_weight else 0.0, view, generator)
