@@ -21,11 +21,14 @@ def _partition(width: int, group_size: Optional[int], partition: Optional[Sequen
     if group_size is not None and partition is not None:
         raise ValueError("Expected at most one of `group_size` and `partition`, but got both.")
     if group_size is not None:
-        if not isinstance(group_size, int) or group_size < 1:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"Expected argument `group_size` to be a positive int, but got {group_size!r}.")
         return torch.arange(width) // group_size
     if partition is not None:
-        index = torch.as_tensor(list(partition), dtype=torch.long)
+        values = list(partition)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"Expected argument `partition` to hold ints (group numbers), but got {values!r}.")
+        index = torch.as_tensor(values, dtype=torch.long)
         used = set(index.tolist())
         if index.numel() != width or (used and (min(used) < 0 or used != set(range(max(used) + 1)))):
             raise ValueError(
@@ -116,7 +119,10 @@ class IsotropicActivation(nn.Module):
         if self.length is None:
             return None
         if self.length_mode == "trainable":
-            return self.length.abs().clamp(max=self.max_length)
+            # |o| capped at max_length, written with `where` so that the gradient is non-zero at
+            # both ends (abs and clamp would pass none at o = 0 and o = max_length).
+            o = torch.where(self.length >= 0, self.length, -self.length)
+            return torch.where(o <= self.max_length, o, torch.full_like(o, self.max_length))
         return self.length
 
     def forward_with_scale(self, z: Tensor) -> Tuple[Tensor, Tensor]:

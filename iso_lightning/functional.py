@@ -35,8 +35,7 @@ __all__ = [
 ]
 
 # Below this squared radius the profiles that are analytic in r**2 use their Taylor series. The
-# series is truncated after the q**3 term, whose neglected successor is ~q**4/10: at q = 1e-3 that is
-# 1e-13, far below float64 resolution of the O(1) result.
+# series keeps terms to q**4; the neglected q**5 term is ~0.009 q**5: 1e-17 at q = 1e-3.
 _SERIES_Q = 1e-3
 
 
@@ -44,9 +43,13 @@ def _tanh_scale(q: Tensor) -> Tensor:
     # s(r) = tanh(r) / r, analytic in q = r**2.
     small = q < _SERIES_Q
     q_big = torch.where(small, torch.ones_like(q), q)
+    # The series only ever sees small values: a huge q would overflow q**4 in the unused branch and
+    # send 0 * inf = NaN into the gradient.
+    q_small = torch.where(small, q, torch.zeros_like(q))
     r = q_big.sqrt()
     big = torch.tanh(r) / r
-    series = 1.0 - q / 3.0 + q * q * (2.0 / 15.0) - q * q * q * (17.0 / 315.0)
+    q2 = q_small * q_small
+    series = 1.0 - q_small / 3.0 + q2 * (2.0 / 15.0) - q2 * q_small * (17.0 / 315.0) + q2 * q2 * (62.0 / 2835.0)
     return torch.where(small, series, big)
 
 
@@ -163,6 +166,55 @@ def _scale_and_slope(q: Tensor, profile: str) -> Tuple[Tensor, Tensor]:
     return s, slope
 
 
+def _squared_radius(z: Tensor, dim: int, length: Optional[Tensor], group_index: Optional[Tensor],
+                    groups: int) -> Tensor:
+    """``|z_G|**2 + o_G``; recomputed in float64 when the working precision overflows.
+
+    A float32 pre-activation of norm above ~1.8e19 overflows its square; the activation is then
+    evaluated in float64 (the result, of norm at most ~1, is representable again).
+    """
+    q = group_sq_norm(z, dim, group_index, groups)
+    if length is not None:
+        q = q + _broadcast_length(length.to(q.dtype), dim, z.dim())
+    # The check synchronises with the device, so it is made on the CPU only; on an accelerator a
+    # pre-activation whose squared norm overflows gives s = 0.
+    if z.device.type == "cpu" and z.dtype != torch.float64 and not bool(torch.isfinite(q).all()):
+        return _squared_radius(z.double(), dim, length, group_index, groups)
+    return q
+
+
+def _overflowed(z: Tensor, q: Tensor) -> bool:
+    return z.device.type == "cpu" and not bool(torch.isfinite(q).all()) and bool(torch.isfinite(z).all())
+
+
+def _scale_from_radius(z: Tensor, dim: int, length: Optional[Tensor], group_index: Optional[Tensor], groups: int,
+                       profile: str) -> Tensor:
+    """``s`` for pre-activations whose squared norm overflows even in float64 (norm above ~1e154).
+
+    The radius is computed as ``m * sqrt(sum (z/m)**2 + o/m**2)`` with ``m`` the largest entry of each
+    group, as ``hypot`` does; at such radii every profile is at its asymptote.
+    """
+    mag = z.detach().abs()
+    if group_index is None:
+        m = mag.amax(dim=dim, keepdim=True)
+    else:
+        shape = list(z.shape)
+        shape[dim] = groups
+        m = mag.new_zeros(shape).index_reduce(dim, group_index, mag, "amax")
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    q = group_sq_norm(z / _expand(m, dim, group_index), dim, group_index, groups)
+    if length is not None:
+        q = q + _broadcast_length(length.to(q.dtype), dim, z.dim()) / (m * m)
+    r = m * q.sqrt()
+    if profile == "tanh":
+        return torch.tanh(r) / r
+    if profile == "softsign":
+        return 1.0 / (1.0 + r)
+    if profile == "gelu":
+        return 0.5 * (1.0 + torch.erf(r * (1.0 / math.sqrt(2.0))))
+    return torch.sigmoid(r)
+
+
 def _expand(s: Tensor, dim: int, group_index: Optional[Tensor]) -> Tensor:
     return s if group_index is None else s.index_select(dim, group_index)
 
@@ -176,10 +228,13 @@ class _IsotropicFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, length, dim, profile, group_index, groups):  # type: ignore[no-untyped-def]
-        q = group_sq_norm(z, dim, group_index, groups)
-        if length is not None:
-            q = q + _broadcast_length(length.to(q.dtype), dim, z.dim())
-        s, slope = _scale_and_slope(q, profile)
+        q = _squared_radius(z, dim, length, group_index, groups)
+        if _overflowed(z, q):
+            s = _scale_from_radius(z.double(), dim, length, group_index, groups, profile)
+            slope = torch.zeros_like(s)  # ds/dq ~ r**-3 underflows at these radii
+        else:
+            s, slope = _scale_and_slope(q, profile)
+        s, slope = s.to(z.dtype), slope.to(z.dtype)
         s_full = _expand(s, dim, group_index)
         ctx.save_for_backward(z, s_full, slope)
         ctx.dim, ctx.group_index, ctx.groups = dim, group_index, groups
@@ -248,10 +303,11 @@ def isotropic_with_scale(
         groups = 1
     if fused:
         return _IsotropicFunction.apply(z, length, dim, profile, group_index, groups)  # type: ignore[no-any-return]
-    q = group_sq_norm(z, dim, group_index, groups)
-    if length is not None:
-        q = q + _broadcast_length(length.to(q.dtype), dim, z.dim())
-    s = fn(q)
+    q = _squared_radius(z, dim, length, group_index, groups)
+    if _overflowed(z, q):
+        s = _scale_from_radius(z.double(), dim, length, group_index, groups, profile).to(z.dtype)
+    else:
+        s = fn(q).to(z.dtype)
     return z * _expand(s, dim, group_index), s
 
 
