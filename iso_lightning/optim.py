@@ -157,6 +157,7 @@ class StateRemapper:
         self.optimizers = _as_optimizers(optimizer)
         self.on_unknown = on_unknown
         self._owner: Dict[int, Tuple[Optimizer, Mapping[str, object]]] = {}
+        self._reset: set = set()
         for opt in self.optimizers:
             for group in opt.param_groups:
                 for p in group["params"]:
@@ -185,14 +186,28 @@ class StateRemapper:
                     )
                 continue
             opt, _ = found
+            state = opt.state.get(p, {})
             rule = rule_for(opt)
-            if rule is None and self.on_unknown == "raise":
+            uncovered = [] if rule is None else [
+                key for key, value in state.items()
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape == p.shape and key not in rule.keys()
+            ]
+            if rule is None or uncovered:
+                if self.on_unknown == "reset":
+                    self._reset.add(id(p))  # its state is dropped, whatever its shapes
+                    continue
+                if rule is None:
+                    raise UnsupportedOptimizerError(
+                        f"No state remapping rule for optimizer class {type(opt).__name__}. Supported: "
+                        f"{sorted(c.__name__ for c in _RULES)}. Register one with `register_optimizer_rule`, "
+                        "or pass `on_unknown='reset'` to drop the state of the changed parameters."
+                    )
                 raise UnsupportedOptimizerError(
-                    f"No state remapping rule for optimizer class {type(opt).__name__}. Supported: "
-                    f"{sorted(c.__name__ for c in _RULES)}. Register one with `register_optimizer_rule`, "
-                    "or pass `on_unknown='reset'` to drop the state of the changed parameters."
+                    f"Optimizer {type(opt).__name__} has state {uncovered} for parameter `{name}` that its remapping "
+                    "rule does not cover. Register a complete rule with `register_optimizer_rule`, or pass "
+                    "`on_unknown='reset'`."
                 )
-            for key, value in opt.state.get(p, {}).items():
+            for key, value in state.items():
                 if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
                     raise ValueError(
                         f"Optimizer state `{key}` of parameter `{name}` has shape {tuple(value.shape)}, "
@@ -210,7 +225,7 @@ class StateRemapper:
         if not state:
             return
         rule = rule_for(opt)
-        if rule is None:
+        if rule is None or id(param) in self._reset:
             opt.state.pop(param, None)
             return
         for key, value in list(state.items()):
@@ -218,7 +233,8 @@ class StateRemapper:
                 continue  # scalars such as `step` are kept
             if key not in rule.keys():
                 raise UnsupportedOptimizerError(
-                    f"Optimizer {type(opt).__name__} has state `{key}` that its remapping rule does not cover."
+                    f"Optimizer {type(opt).__name__} has state `{key}` that its remapping rule does not cover "
+                    "(call `validate` before `apply` to refuse this before anything changes)."
                 )
             view = view_of(value)
             fill = None
