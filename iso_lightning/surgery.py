@@ -30,10 +30,14 @@ exact: the neurons' pre-activations are the constants ``b_k``, which the folds r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
+import scipy.linalg as scipy_linalg
 import torch
+from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 from iso_lightning.axis import AxisTransform, DenseRotation, Extension, HouseholderRotation, Selection
@@ -209,6 +213,7 @@ def _working_dtype(a: Tensor) -> torch.dtype:
 
 
 def _gram(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``A A^T`` in ``dtype``, never materialising more than a slab of ``A`` in that dtype."""
     n, d = a.shape
     if d <= _GRAM_SLAB:
         block = a.to(dtype)
@@ -218,6 +223,30 @@ def _gram(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         block = a[:, start : start + _GRAM_SLAB].to(dtype)
         g.addmm_(block, block.T)
     return g
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _bottom_eigenpairs(g: Tensor, count: int) -> Tuple[Tensor, Tensor]:
+    """The ``count`` smallest eigenvalues (ascending) and eigenvectors of a symmetric matrix, float64.
+
+    On the CPU only the wanted pairs are computed (LAPACK ``syevr`` with an index range), about three
+    times faster than a full decomposition for a few pairs of a 500 x 500 matrix.
+    """
+    n = g.shape[0]
+    count = min(count, n)
+    if g.device.type == "cpu" and count < n:
+        # One BLAS thread: SciPy's OpenBLAS threads would otherwise keep spinning after the call and
+        # compete with PyTorch's own threads for the same cores.
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            vals, vecs = scipy_linalg.eigh(g.to(torch.float64).numpy(), subset_by_index=[0, count - 1],
+                                           driver="evr", lower=True, check_finite=False)
+        return torch.from_numpy(vals), torch.from_numpy(np.ascontiguousarray(vecs))
+    vals_t, vecs_t = torch.linalg.eigh(g.to(torch.float64))
+    return vals_t[:count], vecs_t[:, :count]
 
 
 def left_basis(a: Tensor) -> Tuple[Tensor, Tensor]:
@@ -385,11 +414,13 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float 
 
 
 def _pick_removals(sigma_by_group: List[Tensor], n: int, space: NeuronSpace) -> List[int]:
-    """How many directions to take from each group: the ``n`` smallest overall, keeping one per group."""
+    """How many directions to take from each group: the ``n`` smallest candidates overall.
+
+    ``sigma_by_group`` holds each group's removable candidates (never its strongest direction).
+    """
     candidates = []
     for g, s in enumerate(sigma_by_group):
-        ordered = torch.sort(s).values[: max(0, s.numel() - 1)]  # the largest one always stays
-        candidates += [(float(v), g) for v in ordered]
+        candidates += [(float(v), g) for v in s]
     if n > len(candidates):
         raise ValueError(
             f"Expected argument `n` to leave at least one neuron per group in `{space.name}` "
@@ -424,7 +455,12 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     rows_by_group = _group_rows(space)
     work = _working_dtype(a)
     grams = [_gram(a if len(rows_by_group) == 1 else a[rows], work) for rows in rows_by_group]
-    eig = [torch.linalg.eigh(g) for g in grams]
+    for g in grams:
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteError(f"Space `{space.name}`: its Gram matrix overflows; refusing to shrink it.")
+    # Each group can give at most n candidates and must keep one neuron.
+    eig = [_bottom_eigenpairs(g, min(n, g.shape[0] - 1)) if g.shape[0] > 1
+           else (g.new_zeros(0, dtype=torch.float64), g.new_zeros(1, 0, dtype=torch.float64)) for g in grams]
     for vals, vecs in eig:
         if not (bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all())):
             raise NonFiniteError(f"Space `{space.name}`: eigen-decomposition is not finite.")
@@ -438,8 +474,8 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
             continue
         bottom = vecs[:, :k]  # eigh sorts ascending
         qr, tau = torch.geqrf(bottom)
-        v = torch.zeros(width, k, dtype=work)
-        v[rows] = torch.tril(qr, -1) + torch.eye(rows.numel(), k, dtype=work)
+        v = torch.zeros(width, k, dtype=torch.float64)
+        v[rows] = torch.tril(qr, -1) + torch.eye(rows.numel(), k, dtype=torch.float64)
         reflectors.append(v)
         taus.append(tau)
         removed.append(rows[:k])
