@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iso_lightning.activations import IsotropicActivation
+from iso_lightning.functional import PROFILES
 from iso_lightning.spaces import Binding, NeuronSpace
 
 __all__ = ["INITS", "PSI_MODES", "IsoConv2d", "IsoLinear", "IsotropicConvNet", "IsotropicMLP", "IsotropicNetwork"]
@@ -276,7 +277,8 @@ class IsotropicNetwork(nn.Module):
         return surgery.diagonalise(self, layer, mode, optimizer=optimizer, on_unknown=on_unknown)
 
     def grow(self, layer: int, n: int = 1, *, optimizer: Any = None, scale: Optional[float] = None,
-             group: Optional[int] = None, generator: Optional[torch.Generator] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+             group: Union[None, int, str] = None, generator: Optional[torch.Generator] = None,
+             on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
         """Add ``n`` neurons to hidden space ``layer``; the function is exactly unchanged."""
         from iso_lightning import surgery
 
@@ -290,6 +292,13 @@ class IsotropicNetwork(nn.Module):
         from iso_lightning import surgery
 
         return surgery.shrink(self, layer, n, optimizer=optimizer, probe=probe, on_unknown=on_unknown)
+
+    def remove_group(self, layer: int, group: Optional[int] = None, *, optimizer: Any = None,
+                     probe: Optional[Tensor] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+        """Remove a whole neuron group of hidden space ``layer`` (see :func:`iso_lightning.surgery.remove_group`)."""
+        from iso_lightning import surgery
+
+        return surgery.remove_group(self, layer, group, optimizer=optimizer, probe=probe, on_unknown=on_unknown)
 
     def resize(self, layer: int, width: int, *, optimizer: Any = None, generator: Optional[torch.Generator] = None,
                on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
@@ -342,6 +351,7 @@ class IsotropicNetwork(nn.Module):
 
 
 def _activation_kwargs(activation: str, length: str, length_init: Optional[float], max_length: float) -> Dict[str, Any]:
+    _check_choice("activation", activation, sorted(PROFILES))
     return dict(profile=activation, length=length, length_init=length_init, max_length=max_length)
 
 
@@ -387,9 +397,8 @@ class IsotropicMLP(IsotropicNetwork):
         sizes = _check_sizes("sizes", sizes, 2)
         _check_choice("psi", psi, PSI_MODES)
         _check_choice("init", init, INITS)
-        acts = [IsotropicActivation(w, dim=-1, group_size=group_size,
-                                    **_activation_kwargs(activation, length, length_init, max_length))
-                for w in sizes[1:-1]]
+        kwargs = _activation_kwargs(activation, length, length_init, max_length)
+        acts = [IsotropicActivation(w, dim=-1, group_size=group_size, **kwargs) for w in sizes[1:-1]]
         layers = []
         for i in range(len(sizes) - 1):
             groups = acts[i - 1].groups if i > 0 else None

@@ -142,6 +142,25 @@ def _as_optimizers(optimizer: OptimizerArg) -> List[Optimizer]:
     )
 
 
+def _reset_state(opt: Optimizer, param: Tensor) -> None:
+    """Drop the state of ``param``; all of it when the optimizer keeps flat, global state (LBFGS).
+
+    LBFGS keeps vectors over all parameters concatenated, under its first parameter; its state is only
+    consistent as a whole.
+    """
+    total = sum(p.numel() for group in opt.param_groups for p in group["params"])
+    flat = any(
+        isinstance(v, Tensor) and v.dim() == 1 and v.numel() == total != p.numel()
+        for p, st in opt.state.items() for v in st.values() if isinstance(p, Tensor)
+    )
+    if flat or hasattr(opt, "_numel_cache"):
+        opt.state.clear()
+        if hasattr(opt, "_numel_cache"):
+            opt._numel_cache = None  # LBFGS caches the total parameter count
+    else:
+        opt.state.pop(param, None)
+
+
 class StateRemapper:
     """Finds which optimizer owns each parameter and applies axis transforms to its state.
 
@@ -221,12 +240,12 @@ class StateRemapper:
         if found is None:
             return
         opt, group = found
-        state = opt.state.get(param)
-        if not state:
-            return
         rule = rule_for(opt)
         if rule is None or id(param) in self._reset:
-            opt.state.pop(param, None)
+            _reset_state(opt, param)
+            return
+        state = opt.state.get(param)
+        if not state:
             return
         for key, value in list(state.items()):
             if not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:

@@ -41,6 +41,7 @@ from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 from iso_lightning.axis import AxisTransform, DenseRotation, Extension, HouseholderRotation, Selection
+from iso_lightning.functional import radial_scale as act_scale
 from iso_lightning.optim import StateRemapper
 from iso_lightning.spaces import Binding, NeuronSpace
 
@@ -53,6 +54,7 @@ __all__ = [
     "grow",
     "left_basis",
     "remove_boundary",
+    "remove_group",
     "resize",
     "set_widths",
     "shrink",
@@ -204,12 +206,13 @@ def _set_group_index(space: NeuronSpace, index: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- spectra
-def _working_dtype(a: Tensor) -> torch.dtype:
-    # Spectra are computed in the weights' own precision, float32 at least. The Gram matrix squares
-    # the condition number, so in float32 singular values below ~3e-4 of the largest are not resolved
-    # from each other; removing any of them costs at most that much, and the report gives the norm
-    # of what was actually removed (recomputed from the rotated rows, which is accurate).
-    return torch.float64 if a.dtype == torch.float64 else torch.float32
+# Spaces up to this width take the removal directions from an SVD of A (backward stable). Wider
+# ones use the float64 Gram matrix A A^T, whose eigenvectors are accurate to about
+# eps * cond(A)**2: exactness of a zero-singular-value removal then holds to the stated bounds for
+# condition numbers up to ~1e4.
+_SVD_WIDTH = 256
+# ... as long as the SVD's float64 copy of A stays small (128 MiB).
+_SVD_ELEMENTS = 1 << 24
 
 
 def _gram(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -247,6 +250,27 @@ def _bottom_eigenpairs(g: Tensor, count: int) -> Tuple[Tensor, Tensor]:
         return torch.from_numpy(vals), torch.from_numpy(np.ascontiguousarray(vecs))
     vals_t, vecs_t = torch.linalg.eigh(g.to(torch.float64))
     return vals_t[:count], vecs_t[:, :count]
+
+
+def _weakest_directions(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tensor, Tensor]:
+    """The ``count`` smallest singular values of ``a`` (ascending) and their left vectors, float64."""
+    n, d = a.shape
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(n, 0, dtype=torch.float64)
+    if n <= _SVD_WIDTH and n * d <= _SVD_ELEMENTS:
+        u, s, _ = torch.linalg.svd(a.to(torch.float64), full_matrices=d < n)
+        sigma = torch.zeros(n, dtype=torch.float64)
+        sigma[: s.numel()] = s
+        pairs = (sigma.flip(0)[:count], u.flip(1)[:, :count])
+    else:
+        g = _gram(a)
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteError(f"Space `{space.name}`: its Gram matrix overflows; refusing to shrink it.")
+        vals, vecs = _bottom_eigenpairs(g, count)
+        pairs = (vals.clamp_min(0).sqrt(), vecs)
+    if not (bool(torch.isfinite(pairs[0]).all()) and bool(torch.isfinite(pairs[1]).all())):
+        raise NonFiniteError(f"Space `{space.name}`: its singular basis is not finite (degenerate spectrum).")
+    return pairs
 
 
 def left_basis(a: Tensor) -> Tuple[Tensor, Tensor]:
@@ -383,13 +407,16 @@ def _diagonalise_full(network: Any, layer: int, optimizer: Any, on_unknown: str)
     return SurgeryReport("diagonalise", this.name, this.width, this.width, sigma, details={"mode": "full"})
 
 
-def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float = 0.01, group: Optional[int] = None,
-         generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> SurgeryReport:
+def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float = 0.01,
+         group: Union[None, int, str] = None, generator: Optional[torch.Generator] = None,
+         on_unknown: str = "raise") -> SurgeryReport:
     """Append ``n`` neurons: zero incoming rows, bias and correction, outgoing columns ``scale * N(0, 1)``.
 
     The new pre-activations are exactly zero for every input, so norms and outputs are unchanged.
     The outgoing columns must not be zero: a neuron with a zero column receives no gradient.
-    ``group`` picks the group of a grouped space (default: the smallest group).
+    ``group`` picks the group of a grouped space (default: the smallest group); ``"new"`` makes the
+    new neurons a group of their own, with the initial intrinsic length and a zero correction
+    column (its scale is multiplied by exact zeros, so that is exact too).
     """
     n = _check_count("n", n)
     if not (isinstance(scale, (int, float)) and scale >= 0):
@@ -398,8 +425,15 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float 
     index = space.group_index()
     if group is None:
         group = int(torch.argmin(torch.bincount(index, minlength=groups))) if groups > 1 else 0
-    if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < groups:
-        raise ValueError(f"Expected argument `group` to be an int in [0, {groups - 1}], but got {group!r}.")
+    new_group = group == "new"
+    if new_group:
+        group = groups
+    elif isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < groups:
+        raise ValueError(
+            f"Expected argument `group` to be None, 'new' or an int in [0, {groups - 1}], but got {group!r}."
+        )
+    if new_group and space.activation is None:
+        raise ValueError(f"Space `{space.name}` has no activation, so it has no groups.")
     _check_finite(space)
     remapper = _remapper(optimizer, on_unknown, space)
     old = space.width
@@ -409,8 +443,81 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float 
         return _random((view.shape[0], n, view.shape[2]), scale, view, generator)
 
     _transform_space(space, Extension(n), remapper, consumer_fill=fill)
-    _set_group_index(space, torch.cat([index, index.new_full((n,), group)]))
-    return SurgeryReport("grow", space.name, old, old + n, details={"group": group, "scale": scale})
+    if new_group:
+        act = space.activation
+        assert act is not None
+        for binding in space.group_bindings():
+            view = binding.view(binding.tensor)
+            value = act.length_init if binding.name == "length" else 0.0
+            _apply(binding, Extension(1), remapper, view.new_full((view.shape[0], 1, view.shape[2]), value))
+        act.group_index = torch.cat([index, index.new_full((n,), group)]).to(index.device)
+    else:
+        _set_group_index(space, torch.cat([index, index.new_full((n,), group)]))
+    details = {"group": group, "scale": scale, "new_group": new_group}
+    return SurgeryReport("grow", space.name, old, old + n, details=details)
+
+
+def remove_group(network: Any, layer: int, group: Optional[int] = None, *, optimizer: Any = None,
+                 probe: Optional[Tensor] = None, on_unknown: str = "raise") -> SurgeryReport:
+    r"""Remove a whole group of hidden space ``layer`` (default: the weakest, smallest :math:`\lVert A_G \rVert_F`).
+
+    When the group's rows of :math:`A = [W_l \mid \psi_{l-1}]` are zero its output is the constant
+    :math:`c = s_G(\lVert b_G \rVert^2 + o_G)\, b_G`, and its whole contribution to the next layer,
+    :math:`s_G (W_{l+1}[:, G]\, b_G + \psi_l[:, g])`, is folded into the next bias. That is exact when the
+    next layer is dense; a padded convolution sees the constant map cut at the border, so there the
+    report carries the error.
+    """
+    space = network.space(layer)
+    groups = space.groups()
+    if groups < 2:
+        raise ValueError(f"Space `{space.name}` has {groups} group; a space keeps at least one group.")
+    _check_finite(space)
+    a = space.incoming_matrix().to(torch.float64)
+    rows_by_group = _group_rows(space)
+    norms = torch.stack([a[rows].norm() for rows in rows_by_group])
+    if group is None:
+        group = int(torch.argmin(norms))
+    if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < groups:
+        raise ValueError(f"Expected argument `group` to be None or an int in [0, {groups - 1}], but got {group!r}.")
+    remapper = _remapper(optimizer, on_unknown, space)
+    before = _probe(network, probe)
+    rows = rows_by_group[group]
+    act = space.activation
+    assert act is not None
+    nxt = network.affine(layer + 1)
+    with torch.no_grad():
+        b = space.bias.tensor.detach()[rows].to(torch.float64)  # type: ignore[union-attr]
+        length = act.effective_length()
+        q = (b * b).sum() + (0.0 if length is None else float(length[group]))
+        s = float(act_scale(q, act.profile))
+        w_out = space.weight_out
+        assert w_out is not None
+        view = w_out.view(w_out.tensor.detach())[:, rows].to(torch.float64)  # (out, |G|, rest)
+        constant = (view * b[None, :, None]).sum(dim=1)  # (out, rest)
+        if space.correction_out is not None:
+            psi = space.correction_out
+            constant = constant + psi.view(psi.tensor.detach())[:, group].to(torch.float64)
+        # The next layer's response to a constant input map, read at one output position: exact for
+        # a dense layer; for a convolution the interior value (taps summed).
+        contribution = s * constant.sum(dim=1)
+        nxt.bias.add_(contribution.to(nxt.bias.dtype))
+    residual = float(a[rows].norm())
+    old_index = space.group_index()
+    keep = torch.nonzero(old_index != group).flatten()
+    old = space.width
+    _transform_space(space, Selection(keep), remapper)
+    group_keep = torch.tensor([g for g in range(groups) if g != group], dtype=torch.long)
+    for binding in space.group_bindings():
+        _apply(binding, Selection(group_keep), remapper)
+    index = old_index[keep]
+    act.group_index = index - (index > group).to(index.dtype)
+    tol = 10 * old * torch.finfo(space.bias.tensor.dtype).eps * max(1.0, float(a.norm()))  # type: ignore[union-attr]
+    padded_conv = nxt.weight.dim() == 4 and getattr(nxt, "padding", 0) > 0
+    exact = residual <= tol and not padded_conv
+    report = SurgeryReport("remove_group", space.name, old, space.width, norms[group:group + 1], residual,
+                           exact=exact, details={"group": group, "bias_fold": contribution.tolist()})
+    report.measured_error = _probe_error(network, probe, before)
+    return report
 
 
 def _pick_removals(sigma_by_group: List[Tensor], n: int, space: NeuronSpace) -> List[int]:
@@ -453,18 +560,10 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     before = _probe(network, probe)
     a = space.incoming_matrix()
     rows_by_group = _group_rows(space)
-    work = _working_dtype(a)
-    grams = [_gram(a if len(rows_by_group) == 1 else a[rows], work) for rows in rows_by_group]
-    for g in grams:
-        if not bool(torch.isfinite(g).all()):
-            raise NonFiniteError(f"Space `{space.name}`: its Gram matrix overflows; refusing to shrink it.")
     # Each group can give at most n candidates and must keep one neuron.
-    eig = [_bottom_eigenpairs(g, min(n, g.shape[0] - 1)) if g.shape[0] > 1
-           else (g.new_zeros(0, dtype=torch.float64), g.new_zeros(1, 0, dtype=torch.float64)) for g in grams]
-    for vals, vecs in eig:
-        if not (bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all())):
-            raise NonFiniteError(f"Space `{space.name}`: eigen-decomposition is not finite.")
-    counts = _pick_removals([vals.clamp_min(0).sqrt() for vals, _ in eig], n, space)
+    eig = [_weakest_directions(a if len(rows_by_group) == 1 else a[rows], min(n, rows.numel() - 1), space)
+           for rows in rows_by_group]
+    counts = _pick_removals([sigma for sigma, _ in eig], n, space)
 
     # Householder reflectors that bring each group's weakest directions to its first positions.
     width = space.width
@@ -472,7 +571,7 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     for rows, (_, vecs), k in zip(rows_by_group, eig, counts):
         if k == 0:
             continue
-        bottom = vecs[:, :k]  # eigh sorts ascending
+        bottom = vecs[:, :k]  # weakest first
         qr, tau = torch.geqrf(bottom)
         v = torch.zeros(width, k, dtype=torch.float64)
         v[rows] = torch.tril(qr, -1) + torch.eye(rows.numel(), k, dtype=torch.float64)
@@ -489,7 +588,11 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     details = _fold(space, removed_idx)
     a_removed = space.incoming_matrix()[removed_idx].to(torch.float64)
     residual = float(a_removed.norm())
-    sigma_removed = torch.linalg.svdvals(a_removed) if a_removed.numel() else a_removed.new_zeros(0)
+    sigma_removed = torch.zeros(n, dtype=torch.float64)
+    if a_removed.numel():
+        values = torch.linalg.svdvals(a_removed)  # min(n, d) values; the rest are zero
+        sigma_removed[: values.numel()] = values
+    sigma_removed = torch.sort(sigma_removed).values
     out_view = space.weight_out.view(space.weight_out.tensor.detach())  # type: ignore[union-attr]
     out_norm = float(out_view[:, removed_idx].norm())
 
@@ -500,8 +603,8 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     _transform_space(space, Selection(keep_idx), remapper)
     _set_group_index(space, _compact_groups(index[keep_idx]))
 
-    scale = max(1.0, float(a.norm()))
-    tol = 64 * torch.finfo(a.dtype).eps * scale
+    # Round-off of the rotation itself: a few ulps of |A| per neuron.
+    tol = 10 * width * torch.finfo(a.dtype).eps * max(1.0, float(a.norm()))
     estimate = residual * out_norm + details["unabsorbed"]
     report = SurgeryReport("shrink", space.name, width, width - n, sigma_removed, estimate,
                            exact=residual <= tol and details["unabsorbed"] == 0.0 and not details["clamped"],
@@ -546,7 +649,9 @@ def _fold(space: NeuronSpace, removed: Tensor) -> Dict[str, Any]:
             add = torch.zeros(length.shape[0], dtype=torch.float64).index_add(0, groups, b * b)
             new = length.detach().to(torch.float64).abs() + add
             if act.length_mode == "trainable" and bool((new > act.max_length).any()):
+                # The forward pass caps o at max_length: the excess is not absorbed.
                 clamped = True
+                unabsorbed += float((new - act.max_length).clamp_min(0).sum())
             length.copy_(new.to(length.dtype))
         else:
             unabsorbed += float((b * b).sum())
@@ -608,6 +713,12 @@ def set_widths(network: Any, widths: Union[Mapping[int, int], Sequence[int]], *,
     for layer, width in plan.items():
         network._check_layer(layer)
         _check_count("widths", width)
+    # Everything that could refuse a change is checked for every space before the first one changes.
+    touched = [network.space(layer) for layer in plan if plan[layer] != network.space(layer).width]
+    for space in touched:
+        _check_finite(space)
+    if touched:
+        _remapper(optimizer, on_unknown, *touched)
     reports = []
     for layer in sorted(plan, reverse=True):
         report = resize(network, layer, plan[layer], optimizer=optimizer, generator=generator, on_unknown=on_unknown)
@@ -644,10 +755,12 @@ def remove_boundary(network: Any, which: str, indices: Sequence[int], *, optimiz
     """Delete input features or outputs by index."""
     space = _boundary(network, which)
     width = space.width
-    try:
-        chosen = sorted({int(i) for i in indices})
-    except TypeError:
-        raise ValueError(f"Expected argument `indices` to be a sequence of ints, but got {indices!r}.") from None
+    values = list(indices) if isinstance(indices, (list, tuple, range, torch.Tensor)) else None
+    if values is None or not all(isinstance(i, int) and not isinstance(i, bool) or
+                                 (isinstance(i, torch.Tensor) and i.dtype == torch.long and i.dim() == 0)
+                                 for i in values):
+        raise ValueError(f"Expected argument `indices` to be a sequence of ints, but got {indices!r}.")
+    chosen = sorted({int(i) for i in values})
     if not chosen or chosen[0] < 0 or chosen[-1] >= width or len(chosen) >= width:
         raise ValueError(
             f"Expected argument `indices` to name between 1 and {width - 1} distinct {which}s in [0, {width - 1}], "
@@ -678,8 +791,14 @@ def sparsify(network: Any, *, optimizer: Any = None, probe: Optional[Tensor] = N
     import time
 
     layers = list(range(1, network.num_hidden, 2))
+    spaces = []
     for layer in layers:
         _full_weight(network, layer)
+        spaces += [network.space(layer - 1), network.space(layer)]
+    for space in spaces:
+        _check_finite(space)
+    if spaces:
+        _remapper(optimizer, on_unknown, *spaces)
     if probe is None:
         g = torch.Generator().manual_seed(0)
         first = network.layers[0].weight
