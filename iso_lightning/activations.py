@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from iso_lightning.functional import PROFILES, isotropic_with_scale
+from iso_lightning.functional import PROFILES, capped_abs, isotropic_with_scale
 
 __all__ = ["LENGTH_MODES", "IsotropicActivation"]
 
@@ -119,15 +119,17 @@ class IsotropicActivation(nn.Module):
         if self.length is None:
             return None
         if self.length_mode == "trainable":
-            # |o| capped at max_length, written with `where` so that the gradient is non-zero at
-            # both ends (abs and clamp would pass none at o = 0 and o = max_length).
-            o = torch.where(self.length >= 0, self.length, -self.length)
-            return torch.where(o <= self.max_length, o, torch.full_like(o, self.max_length))
+            # |o| capped at max_length, with a gradient at both ends (abs and clamp would pass none
+            # at o = 0 and o = max_length, and a length started there would never train).
+            return capped_abs(self.length, self.max_length)
         return self.length
 
     def forward_with_scale(self, z: Tensor) -> Tuple[Tensor, Tensor]:
         """``(f(z), s)`` with ``s`` the per-group scale (channel axis of size ``groups``)."""
-        return isotropic_with_scale(z, self.dim, self.profile, self.effective_length(), self.group_index, self.groups)
+        if self.length_mode == "trainable":
+            return isotropic_with_scale(z, self.dim, self.profile, self.length, self.group_index, self.groups,
+                                        length_cap=self.max_length)
+        return isotropic_with_scale(z, self.dim, self.profile, self.length, self.group_index, self.groups)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.forward_with_scale(z)[0]

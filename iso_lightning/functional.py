@@ -136,6 +136,12 @@ def _scale_and_slope(q: Tensor, profile: str) -> Tuple[Tensor, Tensor]:
     """``s(q)`` and ``ds/dq`` of a profile, computed directly (no autograd graph)."""
     if profile == "tanh":
         small = q < _series_limit(q.dtype)
+        if q.device.type == "cpu" and not bool(small.any()):
+            # The common case, without the series branch (the test costs nothing on the CPU).
+            r = q.sqrt()
+            t = torch.tanh(r)
+            s = t / r
+            return s, ((1.0 - t * t) - s) / (2.0 * q)
         q_big = torch.where(small, torch.ones_like(q), q)
         r = q_big.sqrt()
         t = torch.tanh(r)
@@ -183,6 +189,12 @@ def _squared_radius(z: Tensor, dim: int, length: Optional[Tensor], group_index: 
     return q
 
 
+def capped_abs(value: Tensor, cap: float) -> Tensor:
+    """``min(|value|, cap)`` with derivative ``sign(value)`` (+1 at 0), passing at the cap too."""
+    o = torch.where(value >= 0, value, -value)
+    return torch.where(o <= cap, o, torch.full_like(o, cap))
+
+
 def _overflowed(z: Tensor, q: Tensor) -> bool:
     return z.device.type == "cpu" and not bool(torch.isfinite(q).all()) and bool(torch.isfinite(z).all())
 
@@ -227,7 +239,32 @@ class _IsotropicFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, length, dim, profile, group_index, groups):  # type: ignore[no-untyped-def]
+    def forward(ctx, z, length, dim, profile, group_index, groups, length_cap):  # type: ignore[no-untyped-def]
+        ctx.dim, ctx.group_index, ctx.groups = dim, group_index, groups
+        ctx.length_shape = None if length is None else length.shape
+        ctx.length_sign = None
+        if length is not None and length_cap is not None:
+            # `length` is a raw parameter: the effective o is min(|length|, cap), with derivative
+            # sign(length) (taken as +1 at 0) that also passes at the cap, so o never gets stuck.
+            raw = length.detach()
+            ctx.length_sign = torch.where(raw >= 0, 1.0, -1.0).to(raw.dtype) * (raw.abs() <= length_cap)
+            length = raw.abs().clamp(max=length_cap)
+        ctx.set_materialize_grads(False)
+        ctx.fast = False
+        if group_index is None and profile == "tanh" and z.device.type == "cpu":
+            # The common case in as few operations as possible: at these sizes the cost of a step is
+            # the number of small tensor operations, not arithmetic. The slope is left to backward.
+            q = torch.linalg.vecdot(z, z, dim=dim).unsqueeze(dim)
+            if length is not None:
+                q = q + _broadcast_length(length.to(q.dtype), dim, z.dim())
+            lo, hi = torch.aminmax(q)
+            if float(lo) >= _series_limit(q.dtype) and math.isfinite(float(hi)):
+                r = q.sqrt()
+                t = torch.tanh(r)
+                s = t / r
+                ctx.save_for_backward(z, s, q, t)
+                ctx.fast = True
+                return z * s, s
         q = _squared_radius(z, dim, length, group_index, groups)
         if _overflowed(z, q):
             s = _scale_from_radius(z.double(), dim, length, group_index, groups, profile)
@@ -237,31 +274,34 @@ class _IsotropicFunction(torch.autograd.Function):
         s, slope = s.to(z.dtype), slope.to(z.dtype)
         s_full = _expand(s, dim, group_index)
         ctx.save_for_backward(z, s_full, slope)
-        ctx.dim, ctx.group_index, ctx.groups = dim, group_index, groups
-        ctx.length_shape = None if length is None else length.shape
-        ctx.set_materialize_grads(False)
         return z * s_full, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h, grad_s):  # type: ignore[no-untyped-def]
-        z, s_full, slope = ctx.saved_tensors
         dim, group_index = ctx.dim, ctx.group_index
+        if ctx.fast:
+            z, s_full, q, t = ctx.saved_tensors
+            slope = (1.0 - t * t - s_full) / (2.0 * q)  # ds/dq of tanh(r)/r
+        else:
+            z, s_full, slope = ctx.saved_tensors
         if grad_h is None:
             grad_h = torch.zeros_like(z)
         if group_index is None:
-            zg = (z * grad_h).sum(dim=dim, keepdim=True)
+            zg = torch.linalg.vecdot(z, grad_h, dim=dim).unsqueeze(dim)
         else:
             zg = z.new_zeros(slope.shape).index_add(dim, group_index, z * grad_h)
         if grad_s is not None:
             zg = zg + grad_s
         c = slope * zg
-        grad_z = s_full * grad_h + 2.0 * _expand(c, dim, group_index) * z
+        grad_z = torch.addcmul(s_full * grad_h, _expand(c, dim, group_index), z, value=2.0)
         grad_length = None
         if ctx.length_shape is not None and ctx.needs_input_grad[1]:
             other = [d for d in range(c.dim()) if d != dim]
             grad_length = c.sum(dim=other).reshape(ctx.length_shape) if other else c.reshape(ctx.length_shape)
-        return grad_z, grad_length, None, None, None, None
+            if ctx.length_sign is not None:
+                grad_length = grad_length * ctx.length_sign
+        return grad_z, grad_length, None, None, None, None, None
 
 
 def isotropic_with_scale(
@@ -272,6 +312,7 @@ def isotropic_with_scale(
     group_index: Optional[Tensor] = None,
     groups: int = 1,
     fused: bool = True,
+    length_cap: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
     r"""Apply an isotropic activation and also return the per-group scale.
 
@@ -286,6 +327,8 @@ def isotropic_with_scale(
         groups: number of groups (ignored when ``group_index`` is ``None``).
         fused: use the fused kernel with an analytic backward (fast, first-order gradients only);
             ``False`` builds the result from differentiable operations (supports double backward).
+        length_cap: when given, ``length`` is a raw trainable value and the intrinsic length used is
+            ``min(|length|, length_cap)``, differentiable at 0 and at the cap.
 
     Returns:
         ``(f(z), s)`` where ``s`` has the shape of ``z`` with the channel axis of size ``groups``.
@@ -302,7 +345,10 @@ def isotropic_with_scale(
     if group_index is None:
         groups = 1
     if fused:
-        return _IsotropicFunction.apply(z, length, dim, profile, group_index, groups)  # type: ignore[no-any-return]
+        return _IsotropicFunction.apply(z, length, dim, profile, group_index, groups,  # type: ignore[no-any-return]
+                                        length_cap)
+    if length is not None and length_cap is not None:
+        length = capped_abs(length, length_cap)
     q = _squared_radius(z, dim, length, group_index, groups)
     if _overflowed(z, q):
         s = _scale_from_radius(z.double(), dim, length, group_index, groups, profile).to(z.dtype)

@@ -74,7 +74,8 @@ class IsoLinear(nn.Module):
     def forward(self, h: Tensor, s: Optional[Tensor] = None) -> Tensor:
         z = F.linear(h, self.weight, self.bias)
         if self.correction is not None and s is not None:
-            z = z + F.linear(s.flatten(1), self.correction)
+            s = s.flatten(1)
+            z = torch.addmm(z, s, self.correction.t()) if z.dim() == 2 else z + F.linear(s, self.correction)
         return z
 
     def extra_repr(self) -> str:
