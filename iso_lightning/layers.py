@@ -378,6 +378,8 @@ class IsotropicMLP(IsotropicNetwork):
         init: weight initialisation, one of :data:`INITS`; biases and psi start at zero.
         length_init: initial ``o``; max_length: cap of the effective ``o``.
         group_size: groups of this many neurons per hidden space, each with its own norm and ``o``.
+        partitions: instead of ``group_size``, the group of every neuron of each hidden space (one
+            list per hidden space, ``None`` for a single group there).
         growth_scale: standard deviation of the outgoing weights of new neurons.
         generator: random generator for the initialisation.
 
@@ -394,12 +396,20 @@ class IsotropicMLP(IsotropicNetwork):
     def __init__(self, sizes: Sequence[int], activation: str = "tanh", length: str = "none", psi: str = "none",
                  psi_decay: float = 0.1, init: str = "orthogonal", length_init: Optional[float] = None,
                  max_length: float = 100.0, group_size: Optional[int] = None, growth_scale: float = 0.01,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None,
+                 partitions: Optional[Sequence[Optional[Sequence[int]]]] = None) -> None:
         sizes = _check_sizes("sizes", sizes, 2)
+        if partitions is not None and (not isinstance(partitions, (list, tuple)) or len(partitions) != len(sizes) - 2):
+            raise ValueError(
+                f"Expected argument `partitions` to hold one entry per hidden layer ({len(sizes) - 2}), "
+                f"but got {partitions!r}."
+            )
         _check_choice("psi", psi, PSI_MODES)
         _check_choice("init", init, INITS)
         kwargs = _activation_kwargs(activation, length, length_init, max_length)
-        acts = [IsotropicActivation(w, dim=-1, group_size=group_size, **kwargs) for w in sizes[1:-1]]
+        acts = [IsotropicActivation(w, dim=-1, group_size=group_size,
+                                    partition=None if partitions is None else partitions[i], **kwargs)
+                for i, w in enumerate(sizes[1:-1])]
         layers = []
         for i in range(len(sizes) - 1):
             groups = acts[i - 1].groups if i > 0 else None
