@@ -14,6 +14,18 @@ from iso_lightning.layers import (
     IsotropicNetwork,
 )
 from iso_lightning.optim import OptimizerRule, StateRemapper, UnsupportedOptimizerError, register_optimizer_rule
+from iso_lightning.policies import (
+    CompositePolicy,
+    LossPlateauPolicy,
+    ParameterBudgetPolicy,
+    PolicyContext,
+    ScaffoldPolicy,
+    SpaceInfo,
+    TopologyPolicy,
+    WidthSchedulePolicy,
+    apply_decision,
+    describe,
+)
 from iso_lightning.spaces import Binding, NeuronSpace
 from iso_lightning.surgery import NonFiniteError, SparsifyReport, SurgeryReport, left_basis
 
@@ -23,6 +35,16 @@ __all__ = [
     "PROFILES",
     "PSI_MODES",
     "AxisTransform",
+    "CompositePolicy",
+    "LossPlateauPolicy",
+    "ParameterBudgetPolicy",
+    "PolicyContext",
+    "ScaffoldPolicy",
+    "SpaceInfo",
+    "TopologyPolicy",
+    "WidthSchedulePolicy",
+    "apply_decision",
+    "describe",
     "Binding",
     "DenseRotation",
     "Extension",
