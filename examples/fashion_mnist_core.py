@@ -1,7 +1,8 @@
 """Train an isotropic MLP on Fashion-MNIST and let its hidden layers adapt every epoch.
 
-Uses the core API only (no Lightning): the paper's scaffold rule keeps ``K`` neurons per hidden
-layer whose singular value is below ``tau``, growing when there are fewer and shrinking the surplus.
+Uses the core API only (no Lightning): :class:`~iso_lightning.ScaffoldPolicy`, the paper's rule,
+keeps ``K`` neurons per hidden layer whose singular value is below ``tau``, growing when there are
+fewer and shrinking the surplus.
 
     python examples/fashion_mnist_core.py                 # 3 epochs, about a minute on 2 cores
     python examples/fashion_mnist_core.py --epochs 30 --widths 64 64
@@ -15,18 +16,8 @@ import time
 import torch
 from torch import nn
 
-from iso_lightning import IsotropicMLP
+from iso_lightning import IsotropicMLP, PolicyContext, ScaffoldPolicy, apply_decision, describe
 from iso_lightning.data import load_idx_dataset
-
-
-def scaffold_widths(net: IsotropicMLP, scaffold: int, threshold: float) -> list:
-    """Target width of every hidden layer under the scaffold rule."""
-    widths = []
-    for layer in range(net.num_hidden):
-        sigma = net.singular_values(layer)
-        below = int((sigma < threshold).sum())
-        widths.append(max(1, net.hidden_widths[layer] + scaffold - below))
-    return widths
 
 
 def evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -54,6 +45,7 @@ def main(argv=None) -> None:
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
 
     net = IsotropicMLP([784, *args.widths, 10], psi="decay", length="trainable")
+    policy = ScaffoldPolicy(threshold=args.threshold, scaffold=args.scaffold)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-3)
     print(f"start widths {net.hidden_widths}")
     for epoch in range(args.epochs):
@@ -69,7 +61,8 @@ def main(argv=None) -> None:
             total += float(loss.detach()) * len(idx)
         seconds = time.perf_counter() - start
         before = net.hidden_widths
-        reports = net.set_widths(scaffold_widths(net, args.scaffold, args.threshold), optimizer=opt)
+        decision = policy.decide(describe(net), PolicyContext(epoch=epoch))
+        reports = apply_decision(net, decision, optimizer=opt)
         changes = ", ".join(f"{r.space} {r.op} {r.old_width}->{r.new_width}" for r in reports) or "none"
         print(f"epoch {epoch}: loss {total / len(order):.4f}, test accuracy {evaluate(net, x_test, y_test):.4f}, "
               f"{seconds:.1f} s, widths {before} -> {net.hidden_widths} ({changes})")
