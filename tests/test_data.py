@@ -52,7 +52,7 @@ def test_load_idx_dataset_round_trip(tmp_path, compress):
 
 
 def test_read_idx_big_endian_types(tmp_path):
-    values = np.arange(12, dtype=">i4").reshape(3, 4) - 5
+    values = (np.arange(12).reshape(3, 4) - 5).astype(">i4")
     write_idx(tmp_path / "ints", values, compress=False)
     np.testing.assert_array_equal(read_idx(tmp_path / "ints").numpy(), values.astype(np.int32))
     floats = (np.arange(6) / 3).astype(">f4").reshape(2, 3)
