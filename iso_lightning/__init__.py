@@ -3,6 +3,7 @@
 from iso_lightning._version import __version__
 from iso_lightning.activations import LENGTH_MODES, IsotropicActivation
 from iso_lightning.axis import AxisTransform, DenseRotation, Extension, HouseholderRotation, Selection
+from iso_lightning.callback import DynamicTopologyCallback
 from iso_lightning.functional import PROFILES, isotropic, isotropic_with_scale, radial_scale
 from iso_lightning.layers import (
     INITS,
@@ -13,6 +14,7 @@ from iso_lightning.layers import (
     IsotropicMLP,
     IsotropicNetwork,
 )
+from iso_lightning.mixin import TOPOLOGY_KEY, IsotropicModuleMixin, find_networks
 from iso_lightning.optim import OptimizerRule, StateRemapper, UnsupportedOptimizerError, register_optimizer_rule
 from iso_lightning.policies import (
     CompositePolicy,
@@ -34,7 +36,11 @@ __all__ = [
     "LENGTH_MODES",
     "PROFILES",
     "PSI_MODES",
+    "TOPOLOGY_KEY",
     "AxisTransform",
+    "DynamicTopologyCallback",
+    "IsotropicModuleMixin",
+    "find_networks",
     "CompositePolicy",
     "LossPlateauPolicy",
     "ParameterBudgetPolicy",

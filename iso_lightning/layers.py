@@ -264,6 +264,17 @@ class IsotropicNetwork(nn.Module):
                        for a in map(self.activation, range(self.num_hidden))],
         }
 
+    def reshape_to(self, topology: Mapping[str, Any]) -> None:
+        """Give every tensor the shape described by ``topology`` (from :meth:`topology`), without values.
+
+        Used before loading a checkpoint taken after neuron operations: the tensors keep their
+        identity and get uninitialised storage of the recorded shapes, which the state dict then
+        fills. Raises ``ValueError`` for a record that does not fit this architecture.
+        """
+        from iso_lightning import surgery
+
+        surgery.reshape_to(self, topology)
+
     # ------------------------------------------------------------------ surgery (see surgery.py)
     def singular_values(self, layer: int) -> Tensor:
         """Singular values of hidden space ``layer`` (of ``[W_l | psi_{l-1}]``), descending, float64."""

@@ -399,12 +399,15 @@ def describe(network: Any, prefix: str = "") -> Dict[str, SpaceInfo]:
     Spectra are computed in float64 from the current weights; a space with non-finite weights
     raises :class:`~iso_lightning.NonFiniteError`.
     """
-    from iso_lightning.surgery import _check_finite, _group_rows, left_basis
+    from iso_lightning.surgery import NonFiniteError, _check_finite, _group_rows, left_basis
 
     out: Dict[str, SpaceInfo] = {}
     for layer in range(network.num_hidden):
         space = network.space(layer)
-        _check_finite(space)
+        try:
+            _check_finite(space)
+        except NonFiniteError as err:
+            raise NonFiniteError(str(err).replace(f"`{space.name}`", f"`{prefix}{space.name}`")) from None
         a = space.incoming_matrix()
         w_out = space.weight_out
         assert w_out is not None

@@ -821,3 +821,61 @@ def sparsify(network: Any, *, optimizer: Any = None, probe: Optional[Tensor] = N
     err = float((after - before).abs().max())  # type: ignore[operator]
     rel = err / max(float(before.abs().max()), 1e-30)  # type: ignore[union-attr]
     return SparsifyReport(layers, zero, total, err, rel, seconds)
+
+
+def _check_topology(network: Any, topology: Any) -> Tuple[int, int, List[int], List[Optional[List[int]]]]:
+    def bad(why: str) -> ValueError:
+        return ValueError(f"Expected a topology record of this network ({why}), but got {topology!r}.")
+
+    if not isinstance(topology, Mapping):
+        raise bad("a mapping")
+    widths, groups = topology.get("hidden_widths"), topology.get("groups")
+    fan_in, fan_out = topology.get("in_features"), topology.get("out_features")
+    if not isinstance(widths, list) or len(widths) != network.num_hidden:
+        raise bad(f"{network.num_hidden} hidden widths")
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths + [fan_in, fan_out]):
+        raise bad("positive int widths")
+    if not isinstance(groups, list) or len(groups) != network.num_hidden:
+        raise bad("one group list or None per hidden layer")
+    for width, index in zip(widths, groups):
+        if index is None:
+            continue
+        if not isinstance(index, list) or len(index) != width or not all(isinstance(g, int) for g in index):
+            raise bad("a group number for every neuron")
+        if set(index) != set(range(max(index) + 1)):
+            raise bad("groups numbered 0..m-1, each used")
+    return int(fan_in), int(fan_out), list(widths), list(groups)  # type: ignore[arg-type]
+
+
+def reshape_to(network: Any, topology: Mapping[str, Any]) -> None:
+    """Resize every tensor of ``network`` to a recorded topology (see ``IsotropicNetwork.reshape_to``)."""
+    fan_in, fan_out, widths, groups = _check_topology(network, topology)
+    targets: Dict[int, Tuple[Binding, List[int]]] = {}
+
+    def want(binding: Binding, n: int) -> None:
+        t = binding.tensor
+        shape = list(targets[id(t)][1]) if id(t) in targets else list(t.shape)
+        shape[binding.axis] = n * binding.inner
+        targets[id(t)] = (binding, shape)
+
+    for layer, (width, index) in enumerate(zip(widths, groups)):
+        space = network.space(layer)
+        m = 1 if index is None else max(index) + 1
+        for binding, _ in space.neuron_bindings():
+            want(binding, width)
+        for binding in space.group_bindings():
+            want(binding, m)
+    for binding, _ in network.input_space().neuron_bindings():
+        want(binding, fan_in)
+    for binding, _ in network.output_space().neuron_bindings():
+        want(binding, fan_out)
+    with torch.no_grad():
+        for binding, shape in targets.values():
+            t = binding.tensor
+            if list(t.shape) != shape:
+                t.set_(t.new_zeros(shape))  # type: ignore[call-overload]
+                t.grad = None
+    for layer, index in enumerate(groups):
+        act = network.activation(layer)
+        act.group_index = None if index is None else torch.tensor(index, dtype=torch.long, device=act.length.device
+                                                                   if act.length is not None else None)

@@ -1,0 +1,277 @@
+"""DynamicTopologyCallback and IsotropicModuleMixin in real (tiny) Lightning runs."""
+
+import pickle
+import warnings
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
+from torch.utils.data import DataLoader, TensorDataset
+
+from iso_lightning import IsotropicMLP, ScaffoldPolicy, WidthSchedulePolicy
+from iso_lightning.callback import DynamicTopologyCallback
+from iso_lightning.mixin import TOPOLOGY_KEY, IsotropicModuleMixin
+
+torch.set_num_threads(1)
+
+
+def blobs(n=192, dim=8, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(classes, dim, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return TensorDataset(centres[y] + torch.randn(n, dim, generator=g), y)
+
+
+class IsoModule(IsotropicModuleMixin, pl.LightningModule):
+    def __init__(self, sizes=(8, 6, 6, 3), lr=0.03):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = IsotropicMLP(list(sizes), psi="decay", length="trainable",
+                                generator=torch.Generator().manual_seed(1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y) + self.psi_regularisation()
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)}
+
+
+def loaders(batch_size=32):
+    return DataLoader(blobs(), batch_size=batch_size, shuffle=False), DataLoader(blobs(seed=1), batch_size=64)
+
+
+def trainer(tmp_path, callbacks, max_epochs=6, **kwargs):
+    return pl.Trainer(default_root_dir=tmp_path, max_epochs=max_epochs, callbacks=callbacks, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                      deterministic=True, **kwargs)
+
+
+class Consistency(Callback):
+    """After every batch: the optimizer holds exactly the model's parameters, with matching state shapes."""
+
+    def __init__(self):
+        self.checked = 0
+        self.losses = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        params = {id(p) for p in pl_module.parameters()}
+        for opt in trainer.optimizers:
+            held = {id(p) for g in opt.param_groups for p in g["params"]}
+            assert held == params
+            for p, state in opt.state.items():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0:
+                        assert value.shape == p.shape
+        self.checked += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+
+def test_fit_grows_and_shrinks_and_keeps_optimizer_consistent(tmp_path):
+    pl.seed_everything(0)
+    model = IsoModule()
+    callback = DynamicTopologyCallback(ScaffoldPolicy(threshold=0.5, scaffold=2, max_width=12), log_dir=str(tmp_path))
+    check = Consistency()
+    train, val = loaders()
+    trainer(tmp_path, [callback, check], max_epochs=8).fit(model, train, val)
+    ops = {e["op"] for e in callback.events}
+    assert {"grow", "shrink"} <= ops, callback.events
+    assert check.checked >= 8 * len(train)
+    assert check.losses[-1] < check.losses[0]
+    assert model.net.hidden_widths != [6, 6]
+    lines = (tmp_path / "topology_events.csv").read_text().splitlines()
+    assert len(lines) == len(callback.events) + 1 and lines[0].startswith("step,epoch,space,op")
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    policy = lambda: ScaffoldPolicy(threshold=0.5, scaffold=2, max_width=12)  # noqa: E731
+    train, val = loaders()
+
+    pl.seed_everything(0)
+    straight = IsoModule()
+    trainer(tmp_path / "a", [DynamicTopologyCallback(policy(), verbose=0)], max_epochs=6).fit(straight, train, val)
+
+    pl.seed_everything(0)
+    first = IsoModule()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path / "b", [DynamicTopologyCallback(policy(), verbose=0), ckpt], max_epochs=3).fit(first, train, val)
+    assert first.net.hidden_widths != [6, 6]  # the checkpoint holds a changed topology
+
+    pl.seed_everything(0)
+    resumed = IsoModule()  # built with the original widths
+    callback = DynamicTopologyCallback(policy(), verbose=0)
+    trainer(tmp_path / "c", [callback], max_epochs=6).fit(resumed, train, val, ckpt_path=ckpt.last_model_path)
+    assert resumed.net.hidden_widths == straight.net.hidden_widths
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(callback.events) >= 1  # the history came back with the checkpoint
+
+
+def test_load_from_checkpoint_without_callback(tmp_path):
+    pl.seed_everything(0)
+    model = IsoModule()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    train, val = loaders()
+    trainer(tmp_path, [DynamicTopologyCallback(ScaffoldPolicy(0.95, 3), verbose=0), ckpt], max_epochs=3).fit(
+        model, train, val)
+    checkpoint = torch.load(ckpt.last_model_path, weights_only=False)
+    assert checkpoint[TOPOLOGY_KEY]["net"]["hidden_widths"] == model.net.hidden_widths
+    loaded = IsoModule.load_from_checkpoint(ckpt.last_model_path)
+    x = blobs().tensors[0][:16]
+    assert loaded.net.hidden_widths == model.net.hidden_widths
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_checkpoint_from_other_architecture_is_refused(tmp_path):
+    model = IsoModule()
+    record = {"net": {"in_features": 8, "out_features": 3, "hidden_widths": [5], "groups": [None]}}
+    with pytest.raises(ValueError, match="Network `net`.*hidden widths"):
+        model.on_load_checkpoint({TOPOLOGY_KEY: record})
+    with pytest.raises(ValueError, match="different architecture"):
+        model.on_load_checkpoint({TOPOLOGY_KEY: {"encoder": record["net"]}})
+    assert model.net.hidden_widths == [6, 6]
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    pl.seed_everything(0)
+    model = IsoModule()
+    callback = DynamicTopologyCallback(ScaffoldPolicy(0.95, 3), dry_run=True, verbose=0)
+    train, val = loaders()
+    trainer(tmp_path, [callback], max_epochs=2).fit(model, train, val)
+    assert model.net.hidden_widths == [6, 6]
+    assert callback.events and all(e["op"] == "dry_run" for e in callback.events)
+
+
+class StepRecorder(Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+
+def test_every_n_steps_only_at_real_step_boundaries(tmp_path):
+    pl.seed_everything(0)
+    model = IsoModule()
+    schedule = WidthSchedulePolicy(targets=10, start_epoch=0, end_epoch=1)
+    # Width schedule by epoch: at epoch 1 the target is reached. Steps: 6 batches / 2 accumulated = 3 per epoch.
+    callback = DynamicTopologyCallback(schedule, every_n_epochs=None, every_n_steps=2, verbose=0)
+    train, val = loaders(batch_size=32)
+    trainer(tmp_path, [callback], max_epochs=3, accumulate_grad_batches=2).fit(model, train, val)
+    assert callback.events
+    assert all(e["step"] % 2 == 0 and e["step"] > 0 for e in callback.events)
+    assert model.net.hidden_widths == [10, 10]
+
+
+def test_non_finite_spectrum_skips_with_warning_naming_the_space(tmp_path):
+    model = IsoModule()
+    callback = DynamicTopologyCallback(ScaffoldPolicy(0.95, 3), verbose=0)
+    with torch.no_grad():
+        model.net.layers[1].weight[0, 0] = float("nan")
+    fake = SimpleNamespace(is_global_zero=True, global_step=5, current_epoch=1, strategy=SimpleNamespace(
+        broadcast=lambda obj, src=0: obj), callback_metrics={}, optimizers=[])
+    # W_1 reads hidden.0 (its columns) and writes hidden.1: the first space checked is named.
+    with pytest.warns(RuntimeWarning, match=r"`net\.hidden\.0`"):
+        callback._adapt(fake, model)
+    assert model.net.hidden_widths == [6, 6] and callback.skipped
+    strict = DynamicTopologyCallback(ScaffoldPolicy(0.95, 3), on_nonfinite="raise")
+    from iso_lightning import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"`net\.hidden\.0`"):
+        strict._adapt(fake, model)
+
+
+def test_refuses_weight_averaging_and_sharded_strategies(tmp_path):
+    model = IsoModule()
+    train, val = loaders()
+    callback = DynamicTopologyCallback(ScaffoldPolicy())
+    with pytest.raises(ValueError, match="StochasticWeightAveraging"):
+        trainer(tmp_path, [callback, StochasticWeightAveraging(swa_lrs=0.01)], max_epochs=1).fit(model, train, val)
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fake = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[callback])
+    with pytest.raises(ValueError, match="FSDPStrategy"):
+        callback.setup(fake, model, "fit")
+
+
+def test_refuses_module_without_isotropic_network(tmp_path):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 3)
+
+    fake = SimpleNamespace(strategy=SimpleNamespace(), callbacks=[])
+    with pytest.raises(ValueError, match="no IsotropicNetwork"):
+        DynamicTopologyCallback(ScaffoldPolicy()).setup(fake, Plain(), "fit")
+
+
+def test_two_callbacks_coexist_on_disjoint_spaces_and_clash_otherwise(tmp_path):
+    model = IsoModule()
+    a = DynamicTopologyCallback(ScaffoldPolicy(spaces=["net.hidden.0"]), name="first")
+    b = DynamicTopologyCallback(ScaffoldPolicy(spaces=["*.hidden.1"]), name="second")
+    assert a.state_key != b.state_key
+    fake = SimpleNamespace(strategy=SimpleNamespace(), callbacks=[a, b])
+    a.setup(fake, model, "fit")
+    b.setup(fake, model, "fit")
+    c = DynamicTopologyCallback(ScaffoldPolicy(), name="third")
+    with pytest.raises(ValueError, match="same spaces"):
+        c.setup(SimpleNamespace(strategy=SimpleNamespace(), callbacks=[a, c]), model, "fit")
+
+
+def test_callback_pickles_with_its_state():
+    callback = DynamicTopologyCallback(ScaffoldPolicy(0.9, 4, cooldown=1))
+    callback.events.append({"space": "hidden.0", "op": "grow", "new_width": 7, "step": 3, "epoch": 0})
+    clone = pickle.loads(pickle.dumps(callback))
+    assert clone.events == callback.events and clone.policy.threshold == 0.9
+    fresh = DynamicTopologyCallback(ScaffoldPolicy(0.9, 4, cooldown=1))
+    fresh.load_state_dict(callback.state_dict())
+    assert fresh.events == callback.events
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"policy": "scaffold"}, "`policy`"),
+        ({"every_n_epochs": 0}, "`every_n_epochs`"),
+        ({"every_n_steps": -1, "every_n_epochs": None}, "`every_n_steps`"),
+        ({"every_n_epochs": None}, "both are None"),
+        ({"every_n_epochs": 1, "every_n_steps": 5}, "only one"),
+        ({"start_epoch": -1}, "`start_epoch`"),
+        ({"dry_run": "yes"}, "`dry_run`"),
+        ({"verbose": 3}, "`verbose`"),
+        ({"on_nonfinite": "ignore"}, "`on_nonfinite`"),
+        ({"seed": -1}, "`seed`"),
+        ({"name": 3}, "`name`"),
+    ],
+)
+def test_misconfiguration(kwargs, match):
+    kwargs = {"policy": ScaffoldPolicy(), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        DynamicTopologyCallback(**kwargs)
+
+
+def test_sanity_check_never_adapts(tmp_path):
+    pl.seed_everything(0)
+    model = IsoModule()
+    callback = DynamicTopologyCallback(ScaffoldPolicy(0.95, 3), verbose=0)
+    train, val = loaders()
+    t = trainer(tmp_path, [callback], max_epochs=1, num_sanity_val_steps=2, limit_train_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, train, val)
+    assert model.net.hidden_widths == [6, 6] and not callback.events
