@@ -94,6 +94,8 @@ class DynamicTopologyCallback(Callback):
         self.on_nonfinite, self.log_dir, self.seed, self.name = on_nonfinite, log_dir, seed, name
         self.events: List[Dict[str, Any]] = []
         self.skipped: List[Dict[str, Any]] = []
+        self.history: List[Dict[str, Any]] = []
+        self.figure_path: Optional[str] = None
         self._last_step = -1
 
     @property
@@ -152,11 +154,93 @@ class DynamicTopologyCallback(Callback):
             self._adapt(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs is None or trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        snapshots = self._monitor(trainer, pl_module) if trainer.is_global_zero else None
+        if self.every_n_epochs is None:
             return
         epoch = trainer.current_epoch
         if epoch >= self.start_epoch and (epoch + 1) % self.every_n_epochs == 0:
-            self._adapt(trainer, pl_module)
+            self._adapt(trainer, pl_module, snapshots)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Total hidden width and parameter count in the progress bar (cheap: no spectra).
+        nets = find_networks(pl_module).values()
+        pl_module.log("hidden", float(sum(sum(net.hidden_widths) for net in nets)), prog_bar=True, logger=False,
+                      on_step=True, on_epoch=False)
+        pl_module.log("params", float(sum(p.numel() for p in pl_module.parameters())), prog_bar=True, logger=False,
+                      on_step=True, on_epoch=False)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.history:
+            return
+        from iso_lightning.plots import topology_figure
+
+        figure = topology_figure(self.history, self.events, threshold=getattr(self.policy, "threshold", None))
+        directory = self.log_dir or trainer.log_dir
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+            self.figure_path = os.path.join(directory, "topology.png")
+            figure.savefig(self.figure_path, dpi=110)
+            if self.verbose:
+                rank_zero_info(f"[iso_lightning] topology figure: {self.figure_path}")
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):  # TensorBoard
+                experiment.add_figure("topology", figure, global_step=trainer.global_step)  # type: ignore[union-attr]
+            elif hasattr(logger, "log_image") and self.figure_path is not None:  # e.g. Weights & Biases
+                logger.log_image(key="topology", images=[self.figure_path])
+
+    # -- monitoring --------------------------------------------------------------------------------
+    def _snapshots(self, pl_module: pl.LightningModule) -> Dict[str, Any]:
+        snapshots: Dict[str, Any] = {}
+        for path, net in find_networks(pl_module).items():
+            snapshots.update(describe(net, _prefix(path)))
+        return snapshots
+
+    def _monitor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Dict[str, Any]]:
+        """Per-space figures to every logger and to the history behind the end-of-fit figure."""
+        try:
+            snapshots = self._snapshots(pl_module)
+        except NonFiniteError:
+            return None  # the adaptation step reports it
+        threshold = float(getattr(self.policy, "threshold", 0.95))
+        metrics: Dict[str, float] = {}
+        lengths = {}
+        for path, net in find_networks(pl_module).items():
+            for layer in range(net.num_hidden):
+                o = net.activation(layer).effective_length()
+                lengths[f"{_prefix(path)}hidden.{layer}"] = 0.0 if o is None else float(o.detach().mean())
+        for name, info in snapshots.items():
+            sigma = info.singular_values
+            total = float(sigma.sum())
+            p = sigma / total if total > 0 else sigma
+            p = p[p > 0]
+            effective_rank = float(torch.exp(-(p * p.log()).sum())) if p.numel() else 0.0
+            metrics.update({
+                f"topology/{name}/width": float(info.width),
+                f"topology/{name}/sigma_min": float(sigma.min()) if sigma.numel() else 0.0,
+                f"topology/{name}/sigma_max": float(sigma.max()) if sigma.numel() else 0.0,
+                f"topology/{name}/scaffold": float((sigma < threshold).sum()),
+                f"topology/{name}/effective_rank": effective_rank,
+                f"topology/{name}/length": lengths.get(name, 0.0),
+            })
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "space": name,
+                                 "width": info.width, "singular_values": [float(v) for v in sigma]})
+        metrics["topology/total_hidden"] = float(sum(info.width for info in snapshots.values()))
+        metrics["topology/parameters"] = float(sum(p.numel() for p in pl_module.parameters()))
+        metrics["topology/events"] = float(len(self.events))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_histogram"):  # TensorBoard
+                for name, info in snapshots.items():
+                    experiment.add_histogram(  # type: ignore[union-attr]
+                        f"topology/{name}/singular_values", info.singular_values.numpy(),
+                        global_step=trainer.global_step,
+                    )
+        return snapshots
 
     # -- the work ----------------------------------------------------------------------------------
     def _context(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PolicyContext:
@@ -167,20 +251,20 @@ class DynamicTopologyCallback(Callback):
         total = sum(p.numel() for p in pl_module.parameters())
         return PolicyContext(epoch=trainer.current_epoch, step=trainer.global_step, metrics=metrics, total_params=total)
 
-    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Dict[str, Any]:
-        snapshots = {}
+    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                snapshots: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         try:
-            for path, net in find_networks(pl_module).items():
-                snapshots.update(describe(net, _prefix(path)))
+            snapshots = snapshots if snapshots is not None else self._snapshots(pl_module)
         except NonFiniteError as err:
             return {"skip": str(err)}
         decision = self.policy.decide(snapshots, self._context(trainer, pl_module))
         return {"decision": decision,
                 "sigma": {n: [float(v) for v in s.singular_values] for n, s in snapshots.items() if n in decision}}
 
-    def _adapt(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _adapt(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+               snapshots: Optional[Dict[str, Any]] = None) -> None:
         # One decision for all ranks: rank 0 decides, every rank applies the same change.
-        plan = self._decide(trainer, pl_module) if trainer.is_global_zero else None
+        plan = self._decide(trainer, pl_module, snapshots) if trainer.is_global_zero else None
         plan = trainer.strategy.broadcast(plan, src=0)
         assert plan is not None
         if "skip" in plan:
@@ -216,7 +300,10 @@ class DynamicTopologyCallback(Callback):
                 })
         self._rebuild_ddp(trainer)
         self._record(trainer, events)
-        self._log(pl_module, events)
+        if trainer.is_global_zero:
+            counts = {"topology/events": float(len(self.events))}
+            for logger in trainer.loggers:
+                logger.log_metrics(counts, step=trainer.global_step)
 
     @staticmethod
     def _rebuild_ddp(trainer: pl.Trainer) -> None:
@@ -267,24 +354,15 @@ class DynamicTopologyCallback(Callback):
                 row["singular_values"] = " ".join(f"{v:.6g}" for v in event.get("singular_values", []))
                 writer.writerow(row)
 
-    def _log(self, pl_module: pl.LightningModule, events: List[Dict[str, Any]]) -> None:
-        if pl_module._trainer is None or pl_module.logger is None:  # noqa: SLF001 - Lightning's own attribute
-            return
-        metrics = {}
-        for path, net in find_networks(pl_module).items():
-            for layer, width in enumerate(net.hidden_widths):
-                metrics[f"topology/{_prefix(path)}hidden.{layer}/width"] = float(width)
-        metrics["topology/events"] = float(len(self.events))
-        pl_module.logger.log_metrics(metrics, step=pl_module.trainer.global_step)
-
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return {"events": list(self.events), "skipped": list(self.skipped), "policy": self.policy.state_dict(),
-                "last_step": self._last_step}
+                "last_step": self._last_step, "history": list(self.history)}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.events = list(state_dict.get("events", []))
         self.skipped = list(state_dict.get("skipped", []))
+        self.history = list(state_dict.get("history", []))
         self.policy.load_state_dict(state_dict.get("policy", {}))
         self._last_step = int(state_dict.get("last_step", -1))
 

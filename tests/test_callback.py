@@ -275,3 +275,98 @@ def test_sanity_check_never_adapts(tmp_path):
         warnings.simplefilter("ignore")
         t.fit(model, train, val)
     assert model.net.hidden_widths == [6, 6] and not callback.events
+
+
+# ---------------------------------------------------------------------------- monitoring
+def test_monitoring_reaches_loggers_progress_bar_and_figure(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    pl.seed_everything(0)
+    model = IsoModule()
+    callback = DynamicTopologyCallback(ScaffoldPolicy(threshold=0.5, scaffold=2, max_width=12), verbose=0)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    train, val = loaders()
+    t = pl.Trainer(default_root_dir=tmp_path, max_epochs=4, callbacks=[callback], logger=loggers,
+                   enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    t.fit(model, train, val)
+    # Progress bar: total hidden width during the last epoch (the history's last snapshot, taken
+    # before the end-of-epoch change).
+    last = [h for h in callback.history if h["epoch"] == 3]
+    assert t.progress_bar_metrics["hidden"] == sum(h["width"] for h in last)
+    assert t.progress_bar_metrics["params"] > 0
+    # CSV metrics: one row of per-space figures per epoch.
+    import csv
+
+    rows = list(csv.DictReader(open(loggers[0].log_dir + "/metrics.csv")))
+    widths = [float(r["topology/net.hidden.0/width"]) for r in rows if r.get("topology/net.hidden.0/width")]
+    assert len(widths) == 4 and widths[0] == 6.0
+    ranks = [float(r["topology/net.hidden.0/effective_rank"]) for r in rows if r.get("topology/net.hidden.0/effective_rank")]
+    assert all(0 < r <= 12 for r in ranks)
+    # TensorBoard: histograms and the figure were written.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(loggers[1].log_dir, size_guidance={"histograms": 0, "images": 0})
+    acc.Reload()
+    assert "topology/net.hidden.0/singular_values" in acc.Tags()["histograms"]
+    assert "topology" in acc.Tags()["images"]
+    # The PNG exists, and the history behind it covers every epoch and space.
+    assert callback.figure_path and open(callback.figure_path, "rb").read(4) == b"\x89PNG"
+    assert len(callback.history) == 4 * 2
+    # The model summary describes the current sizes.
+    summary = ModelSummary(model, max_depth=-1)
+    assert summary.total_parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_bf16_mixed_precision_and_gradient_clipping(tmp_path):
+    pl.seed_everything(0)
+    model = IsoModule()
+    callback = DynamicTopologyCallback(ScaffoldPolicy(threshold=0.5, scaffold=2, max_width=12), verbose=0)
+    train, val = loaders()
+    trainer(tmp_path, [callback], max_epochs=4, precision="bf16-mixed", gradient_clip_val=0.5).fit(model, train, val)
+    assert callback.events
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # spectra come from float32 weights
+
+
+class TwoOptimizers(IsoModule):
+    """Manual optimization: layer 0 has its own optimizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        first, rest = self.optimizers()
+        loss = F.cross_entropy(self(x), y) + self.psi_regularisation()
+        first.zero_grad()
+        rest.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        rest.step()
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        first = [p for n, p in self.named_parameters() if n.startswith("net.layers.0.")]
+        rest = [p for n, p in self.named_parameters() if not n.startswith("net.layers.0.")]
+        return torch.optim.SGD(first, lr=0.05, momentum=0.9), torch.optim.Adam(rest, lr=0.02)
+
+
+def test_several_optimizers_each_get_their_state_remapped(tmp_path):
+    pl.seed_everything(0)
+    model = TwoOptimizers()
+    callback = DynamicTopologyCallback(ScaffoldPolicy(threshold=0.5, scaffold=2, max_width=12), verbose=0)
+    train, val = loaders()
+    t = trainer(tmp_path, [callback], max_epochs=4)
+    t.fit(model, train, val)
+    assert callback.events
+    first, rest = t.optimizers
+    assert model.net.layers[0].weight in first.state  # SGD momentum survived the changes, reshaped
+    assert first.state[model.net.layers[0].weight]["momentum_buffer"].shape == model.net.layers[0].weight.shape
+    assert rest.state[model.net.layers[1].weight]["exp_avg"].shape == model.net.layers[1].weight.shape
+    held = [id(p) for opt in t.optimizers for g in opt.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one
+    for opt in t.optimizers:
+        for p, state in opt.state.items():
+            assert all(v.shape == p.shape for v in state.values() if isinstance(v, torch.Tensor) and v.dim())

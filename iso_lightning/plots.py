@@ -1,0 +1,67 @@
+"""Figures a person can look at: widths over training and the singular-value spectrum over epochs."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from matplotlib.figure import Figure
+
+__all__ = ["topology_figure"]
+
+
+def topology_figure(history: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]] = (),
+                    threshold: Optional[float] = None) -> Figure:
+    """Widths of every space over the epochs, and each space's singular values over the epochs.
+
+    Args:
+        history: records ``{"epoch", "step", "space", "width", "singular_values"}``, one per space
+            per snapshot (the callback takes one at the end of every training epoch).
+        events: topology changes (``{"epoch", "space", "op", ...}``), marked on the width plot.
+        threshold: a horizontal line on the spectra (the scaffold threshold).
+
+    Returns:
+        A :class:`matplotlib.figure.Figure` (no pyplot state is touched).
+    """
+    spaces: List[str] = []
+    for record in history:
+        if record["space"] not in spaces:
+            spaces.append(record["space"])
+    rows = max(1, len(spaces))
+    fig = Figure(figsize=(11, 2.6 * rows + 0.6), layout="constrained")
+    grid = fig.add_gridspec(rows, 2, width_ratios=[1, 1.4])
+    widths_ax = fig.add_subplot(grid[:, 0])
+    by_space: Dict[str, List[Mapping[str, Any]]] = {s: [r for r in history if r["space"] == s] for s in spaces}
+    for space, records in by_space.items():
+        line = widths_ax.plot([r["epoch"] for r in records], [r["width"] for r in records], marker="o",
+                              markersize=3, label=space)[0]
+        for event in events:
+            if event.get("space") == space and event.get("op") in ("grow", "shrink"):
+                widths_ax.annotate("+" if event["op"] == "grow" else "-", (event["epoch"], event["new_width"]),
+                                   color=line.get_color(), ha="center", va="bottom", fontsize=9)
+    widths_ax.set_xlabel("epoch")
+    widths_ax.set_ylabel("width (neurons)")
+    widths_ax.set_title("Hidden widths (+ grow, - shrink)")
+    if spaces:
+        widths_ax.legend(fontsize=8)
+    widths_ax.grid(alpha=0.3)
+    for row, space in enumerate(spaces):
+        ax = fig.add_subplot(grid[row, 1])
+        records = by_space[space]
+        xs, ys = [], []
+        for record in records:
+            values = list(record["singular_values"])
+            xs += [record["epoch"]] * len(values)
+            ys += values
+        scatter = ax.scatter(xs, ys, c=ys, cmap="viridis", s=6, alpha=0.8)
+        if threshold is not None:
+            ax.axhline(threshold, color="crimson", linewidth=0.8, linestyle="--", label=f"threshold {threshold:g}")
+            ax.legend(fontsize=7, loc="upper right")
+        ax.set_title(f"{space}: singular values per epoch", fontsize=9)
+        ax.set_ylabel("singular value")
+        ax.grid(alpha=0.3)
+        if row == rows - 1:
+            ax.set_xlabel("epoch")
+        fig.colorbar(scatter, ax=ax, pad=0.01)
+    if not spaces:
+        widths_ax.text(0.5, 0.5, "no snapshots", ha="center", va="center", transform=widths_ax.transAxes)
+    return fig
