@@ -301,7 +301,8 @@ def test_monitoring_reaches_loggers_progress_bar_and_figure(tmp_path):
     rows = list(csv.DictReader(open(loggers[0].log_dir + "/metrics.csv")))
     widths = [float(r["topology/net.hidden.0/width"]) for r in rows if r.get("topology/net.hidden.0/width")]
     assert len(widths) == 4 and widths[0] == 6.0
-    ranks = [float(r["topology/net.hidden.0/effective_rank"]) for r in rows if r.get("topology/net.hidden.0/effective_rank")]
+    key = "topology/net.hidden.0/effective_rank"
+    ranks = [float(r[key]) for r in rows if r.get(key)]
     assert all(0 < r <= 12 for r in ranks)
     # TensorBoard: histograms and the figure were written.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
