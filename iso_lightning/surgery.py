@@ -474,7 +474,10 @@ def remove_group(network: Any, layer: int, group: Optional[int] = None, *, optim
     space = network.space(layer)
     groups = space.groups()
     if groups < 2:
-        raise ValueError(f"Space `{space.name}` has {groups} group; a space keeps at least one group.")
+        raise ValueError(
+            f"Expected argument `layer` to name a space with at least two groups (a space keeps one), but "
+            f"`{space.name}` (layer {layer}) has {groups}."
+        )
     _check_finite(space)
     a = space.incoming_matrix().to(torch.float64)
     rows_by_group = _group_rows(space)
@@ -588,15 +591,21 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
         rotation = DenseRotation(rotation.dense())  # type: ignore[attr-defined]
     removed_idx = torch.sort(torch.cat(removed)).values
 
+    index_before = space.group_index()
     _transform_space(space, rotation, remapper)
     details = _fold(space, removed_idx)
     a_removed = space.incoming_matrix()[removed_idx].to(torch.float64)
     residual = float(a_removed.norm())
-    sigma_removed = torch.zeros(n, dtype=torch.float64)
-    if a_removed.numel():
-        values = torch.linalg.svdvals(a_removed)  # min(n, d) values; the rest are zero
-        sigma_removed[: values.numel()] = values
-    sigma_removed = torch.sort(sigma_removed).values
+    # Per group: rows removed from different groups are not orthogonal to each other.
+    removed_groups = index_before[removed_idx]
+    parts = []
+    for g in torch.unique(removed_groups):
+        block = a_removed[removed_groups == g]
+        values = torch.zeros(block.shape[0], dtype=torch.float64)
+        found = torch.linalg.svdvals(block)  # min(k, d) values; the rest are zero
+        values[: found.numel()] = found
+        parts.append(values)
+    sigma_removed = torch.sort(torch.cat(parts)).values
     out_view = space.weight_out.view(space.weight_out.tensor.detach())  # type: ignore[union-attr]
     out_norm = float(out_view[:, removed_idx].norm())
 
