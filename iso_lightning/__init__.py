@@ -4,6 +4,14 @@ from iso_lightning._version import __version__
 from iso_lightning.activations import LENGTH_MODES, IsotropicActivation
 from iso_lightning.axis import AxisTransform, DenseRotation, Extension, HouseholderRotation, Selection
 from iso_lightning.callback import DynamicTopologyCallback
+from iso_lightning.datamodules import (
+    DATAMODULES,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    FashionMNISTDataModule,
+    ImageDataModule,
+    MNISTDataModule,
+)
 from iso_lightning.functional import PROFILES, isotropic, isotropic_with_scale, radial_scale
 from iso_lightning.layers import (
     INITS,
@@ -15,6 +23,7 @@ from iso_lightning.layers import (
     IsotropicNetwork,
 )
 from iso_lightning.mixin import TOPOLOGY_KEY, IsotropicModuleMixin, find_networks
+from iso_lightning.models import IsotropicClassifier
 from iso_lightning.optim import OptimizerRule, StateRemapper, UnsupportedOptimizerError, register_optimizer_rule
 from iso_lightning.policies import (
     CompositePolicy,
@@ -36,7 +45,14 @@ __all__ = [
     "LENGTH_MODES",
     "PROFILES",
     "PSI_MODES",
+    "DATAMODULES",
     "TOPOLOGY_KEY",
+    "CIFAR100DataModule",
+    "CIFAR10DataModule",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "IsotropicClassifier",
+    "MNISTDataModule",
     "AxisTransform",
     "DynamicTopologyCallback",
     "IsotropicModuleMixin",

@@ -1,0 +1,47 @@
+"""The ``iso-lightning`` command: LightningCLI with the isotropic classifier and the datamodules.
+
+    iso-lightning fit --config examples/configs/fashion_mnist_scaffold.yaml
+    iso-lightning fit --config examples/configs/fashion_mnist_scaffold.yaml --trainer.max_epochs 20
+    iso-lightning test --config examples/configs/fashion_mnist_scaffold.yaml --ckpt_path PATH
+
+The model's input size and class count are linked to the datamodule's. After ``fit`` the test set
+is evaluated with the final (resized) model, so one command trains, adapts and reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+from iso_lightning.models import IsotropicClassifier
+
+__all__ = ["IsoLightningCLI", "main"]
+
+
+class IsoLightningCLI(LightningCLI):
+    """LightningCLI that links the data's shape into the model and tests right after ``fit``."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.num_features", "model.init_args.in_features", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        if self.trainer.interrupted:
+            return
+        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        if results and self.trainer.is_global_zero:
+            accuracy = results[0].get("test_acc")
+            widths = self.model.topology_summary()["widths"]  # type: ignore[operator]
+            print(f"[iso_lightning] test accuracy {accuracy:.4f} with widths {widths}")
+
+
+def main(args: Optional[List[str]] = None) -> None:
+    """Entry point of the ``iso-lightning`` console script."""
+    IsoLightningCLI(IsotropicClassifier, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    save_config_kwargs={"overwrite": True}, args=args)
+
+
+if __name__ == "__main__":
+    main()
