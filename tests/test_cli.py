@@ -1,0 +1,55 @@
+"""The `iso-lightning` command (LightningCLI) end to end on generated Fashion-MNIST-format files."""
+
+import csv
+import glob
+import os
+from pathlib import Path
+
+import pytest
+
+from iso_lightning.cli import main
+from test_data import make_dataset
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "examples" / "configs" / "fashion_mnist_scaffold.yaml")
+
+
+def args(tmp_path, data_dir, *extra):
+    return [
+        "--config", CONFIG,
+        "--data.init_args.data_dir", str(data_dir),
+        "--data.init_args.val_fraction", "0.2",
+        "--trainer.max_epochs", "3",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "root"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+        "--model.init_args.lr", "0.01",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_fit_then_test_then_resume_from_the_resized_checkpoint(tmp_path, capsys, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_dataset(data, n_train=600, n_test=100)
+    caplog.set_level("INFO")
+    main(["fit", *args(tmp_path, data)])
+    out = capsys.readouterr().out
+    assert "[iso_lightning] epoch 0" in caplog.text  # topology changes reported as they happen
+    accuracy = float(out.split("[iso_lightning] test accuracy ")[1].split()[0])
+    assert 0.3 < accuracy <= 1.0  # ten separable blobs; chance is 0.1
+    version = sorted(glob.glob(str(tmp_path / "logs" / "fashion_mnist_scaffold" / "version_*")))[-1]
+    rows = list(csv.DictReader(open(os.path.join(version, "topology_events.csv"))))
+    assert rows and {r["space"] for r in rows} <= {"net.hidden.0", "net.hidden.1"}
+    assert open(os.path.join(version, "topology.png"), "rb").read(4) == b"\x89PNG"
+    assert os.path.exists(os.path.join(version, "config.yaml"))
+
+    # The checkpoint holds changed widths; `test` rebuilds the model at the starting widths and
+    # the checkpoint resizes it before the weights are loaded.
+    last = glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)
+    assert last
+    main(["test", *args(tmp_path, data), "--ckpt_path", last[0]])
+    # Resume fit for one more epoch from the same checkpoint.
+    main(["fit", *args(tmp_path, data, "--trainer.max_epochs", "4"), "--ckpt_path", last[0]])
+    out = capsys.readouterr().out
+    assert "test accuracy" in out
