@@ -32,13 +32,17 @@ def topology_figure(history: Sequence[Mapping[str, Any]], events: Sequence[Mappi
     widths_ax = fig.add_subplot(grid[:, 0])
     by_space: Dict[str, List[Mapping[str, Any]]] = {s: [r for r in history if r["space"] == s] for s in spaces}
     for space, records in by_space.items():
-        line = widths_ax.plot([r["epoch"] for r in records], [r["width"] for r in records], marker="o",
-                              markersize=3, label=space)[0]
-        for event in events:
-            if event.get("space") == space and event.get("op") in ("grow", "shrink"):
-                widths_ax.annotate("+" if event["op"] == "grow" else "-", (event["epoch"], event["new_width"]),
-                                   color=line.get_color(), ha="center", va="bottom", fontsize=9)
-    widths_ax.set_xlabel("epoch")
+        # A step curve over optimizer steps: snapshots give the width before a change, events after it.
+        changes = [e for e in events if e.get("space") == space and e.get("op") in ("grow", "shrink")]
+        points = sorted([(r["step"], 0, r["width"]) for r in records]
+                        + [(e["step"], 1, e["new_width"]) for e in changes])
+        if records and records[0]["step"] > 0:
+            points.insert(0, (0, 0, records[0]["width"]))  # widths hold from the start of training
+        line = widths_ax.plot([p[0] for p in points], [p[2] for p in points], drawstyle="steps-post", label=space)[0]
+        for event in changes:
+            widths_ax.annotate("+" if event["op"] == "grow" else "-", (event["step"], event["new_width"]),
+                               color=line.get_color(), ha="center", va="bottom", fontsize=10)
+    widths_ax.set_xlabel("optimizer step")
     widths_ax.set_ylabel("width (neurons)")
     widths_ax.set_title("Hidden widths (+ grow, - shrink)")
     if spaces:
