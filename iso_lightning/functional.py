@@ -342,8 +342,8 @@ def isotropic_with_scale(
     """
     fn = _check_profile(profile)
     dim = dim % z.dim()
-    if group_index is None:
-        groups = 1
+    if group_index is None or groups == 1:
+        group_index, groups = None, 1  # one group: the plain (and faster) computation
     if fused:
         return _IsotropicFunction.apply(z, length, dim, profile, group_index, groups,  # type: ignore[no-any-return]
                                         length_cap)

@@ -159,7 +159,8 @@ class TopologyPolicy:
                 continue
             if self._quiet.get(name, 0) > 0:
                 continue
-            width = self.clamp(name, proposal[name])
+            # A shrink keeps one neuron in every group: a grouped space cannot go below its group count.
+            width = max(self.clamp(name, proposal[name]), info.groups)
             if width != info.width:
                 decision[name] = width
         for name in list(self._quiet):

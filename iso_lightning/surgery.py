@@ -418,7 +418,8 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float 
 
     The new pre-activations are exactly zero for every input, so norms and outputs are unchanged.
     The outgoing columns must not be zero: a neuron with a zero column receives no gradient.
-    ``group`` picks the group of a grouped space (default: the smallest group); ``"new"`` makes the
+    ``group`` picks the group of a grouped space (default: each new neuron joins the group that is
+    smallest at that moment, so groups stay balanced); ``"new"`` makes the
     new neurons a group of their own, with the initial intrinsic length and a zero correction
     column (its scale is multiplied by exact zeros, so that is exact too).
     """
@@ -427,8 +428,17 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float 
         raise ValueError(f"Expected argument `scale` to be a number >= 0, but got {scale!r}.")
     groups = space.groups()
     index = space.group_index()
-    if group is None:
-        group = int(torch.argmin(torch.bincount(index, minlength=groups))) if groups > 1 else 0
+    assignment: Optional[List[int]] = None
+    if group is None and groups > 1:
+        sizes = torch.bincount(index, minlength=groups).tolist()
+        assignment = []
+        for _ in range(n):
+            smallest = min(range(groups), key=lambda g: (sizes[g], g))
+            assignment.append(smallest)
+            sizes[smallest] += 1
+        group = assignment[0]
+    elif group is None:
+        group = 0
     new_group = group == "new"
     if new_group:
         group = groups
@@ -456,8 +466,10 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float 
             _apply(binding, Extension(1), remapper, view.new_full((view.shape[0], 1, view.shape[2]), value))
         act.group_index = torch.cat([index, index.new_full((n,), group)]).to(index.device)
     else:
-        _set_group_index(space, torch.cat([index, index.new_full((n,), group)]))
-    details = {"group": group, "scale": scale, "new_group": new_group}
+        added = index.new_tensor(assignment) if assignment is not None else index.new_full((n,), group)
+        _set_group_index(space, torch.cat([index, added]))
+    groups_of_new = assignment if assignment is not None else [int(group)] * n
+    details = {"groups": groups_of_new, "scale": scale, "new_group": new_group}
     return SurgeryReport("grow", space.name, old, old + n, details=details)
 
 

@@ -354,12 +354,20 @@ def test_grow_into_a_group_is_exact(case, data):
     report = net.grow(layer, n, group=group, generator=torch.Generator().manual_seed(case["seed"]))
     _assert_preserved(before, _out(net, x))
     assert report.exact and report.error_estimate == 0.0
-    # group=None grows the smallest group (the first one among equals)
-    expected_group = group if group is not None else int(np.argmin(sizes))
-    assert report.details["group"] == expected_group and not report.details["new_group"]
+    # group=None: each new neuron joins the group that is smallest at that moment (lowest number
+    # among equals), which keeps the groups balanced.
+    if group is not None:
+        expected = [group] * n
+    else:
+        counts, expected = list(sizes), []
+        for _ in range(n):
+            g = int(np.argmin(counts))
+            expected.append(g)
+            counts[g] += 1
+    assert report.details["groups"] == expected and not report.details["new_group"]
     new_index = net.space(layer).group_index()
     assert torch.equal(new_index[:-n], index)  # old neurons keep their group
-    assert new_index[-n:].tolist() == [expected_group] * n
+    assert new_index[-n:].tolist() == expected
     assert net.space(layer).groups() == m  # no group appears or vanishes
     act = net.activation(layer)
     if length is not None:
@@ -386,7 +394,7 @@ def test_grow_new_group_is_exact(case, data):
     psi = None if nxt.correction is None else nxt.correction.detach().clone()
     report = net.grow(layer, n, group="new", generator=torch.Generator().manual_seed(case["seed"]))
     _assert_preserved(before, _out(net, x))
-    assert report.exact and report.details["new_group"] and report.details["group"] == m
+    assert report.exact and report.details["new_group"] and report.details["groups"] == [m] * n
     assert net.space(layer).groups() == m + 1
     assert torch.equal(net.space(layer).group_index(), torch.cat([index, torch.full((n,), m)]))
     if length is not None:

@@ -209,3 +209,19 @@ def test_scaffold_policy_drives_a_training_run_both_ways():
 def test_bad_arguments(factory, match):
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_grouped_spaces_are_never_asked_below_their_group_count():
+    # Every group keeps a neuron, so a space of m groups cannot shrink below m (group size 1: not at all).
+    net = IsotropicMLP([6, 4, 3], group_size=1)
+    with torch.no_grad():
+        net.layers[0].weight.mul_(0.5)  # every singular value below the threshold
+    decision = ScaffoldPolicy(threshold=0.95, scaffold=1).decide(describe(net), PolicyContext())
+    assert decision == {}
+    pairs = IsotropicMLP([6, 6, 3], group_size=2)
+    with torch.no_grad():
+        pairs.layers[0].weight.mul_(0.5)
+    decision = ScaffoldPolicy(threshold=0.95, scaffold=0).decide(describe(pairs), PolicyContext())
+    assert decision == {"hidden.0": 3}
+    apply_decision(pairs, decision)
+    assert pairs.hidden_widths == [3]
