@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+from test_data import make_dataset
 
 from iso_lightning.cli import main
-from test_data import make_dataset
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "examples" / "configs" / "fashion_mnist_scaffold.yaml")
 
