@@ -371,3 +371,26 @@ def test_several_optimizers_each_get_their_state_remapped(tmp_path):
     for opt in t.optimizers:
         for p, state in opt.state.items():
             assert all(v.shape == p.shape for v in state.values() if isinstance(v, torch.Tensor) and v.dim())
+
+
+class GroupedModule(IsoModule):
+    def __init__(self):
+        super().__init__()
+        self.net = IsotropicMLP([8, 6, 6, 3], psi="decay", length="trainable", group_size=2,
+                                generator=torch.Generator().manual_seed(1))
+
+
+def test_grouped_network_needs_no_special_case(tmp_path):
+    pl.seed_everything(0)
+    model = GroupedModule()
+    callback = DynamicTopologyCallback(ScaffoldPolicy(threshold=0.5, scaffold=2, max_width=12), verbose=0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    train, val = loaders()
+    trainer(tmp_path, [callback, ckpt, Consistency()], max_epochs=6).fit(model, train, val)
+    assert callback.events
+    for layer in range(2):
+        index = model.net.activation(layer).group_index
+        assert index is not None and torch.bincount(index).min() >= 1  # every group kept a neuron
+    loaded = GroupedModule.load_from_checkpoint(ckpt.last_model_path)
+    x = blobs().tensors[0][:8]
+    torch.testing.assert_close(loaded(x), model(x))
