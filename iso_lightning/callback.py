@@ -173,7 +173,14 @@ class DynamicTopologyCallback(Callback):
                       on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.history:
+        if not trainer.is_global_zero:
+            return
+        # The module's hyper-parameters hold its *starting* widths: record the final ones beside them.
+        widths = {f"{_prefix(path)}hidden.{layer}": width for path, net in find_networks(pl_module).items()
+                  for layer, width in enumerate(net.hidden_widths)}
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"final_topology": widths})
+        if not self.history:
             return
         from iso_lightning.plots import topology_figure
 

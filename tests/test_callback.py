@@ -394,3 +394,22 @@ def test_grouped_network_needs_no_special_case(tmp_path):
     loaded = GroupedModule.load_from_checkpoint(ckpt.last_model_path)
     x = blobs().tensors[0][:8]
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_final_topology_is_recorded_beside_the_starting_hyperparameters(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    pl.seed_everything(0)
+    model = IsoModule()
+    logger = CSVLogger(tmp_path, name="csv")
+    callback = DynamicTopologyCallback(ScaffoldPolicy(threshold=0.5, scaffold=2, max_width=12), verbose=0)
+    train, val = loaders()
+    pl.Trainer(default_root_dir=tmp_path, max_epochs=3, callbacks=[callback], logger=logger,
+               enable_progress_bar=False, enable_model_summary=False).fit(model, train, val)
+    import yaml
+
+    hparams = yaml.load(open(logger.log_dir + "/hparams.yaml"), Loader=yaml.UnsafeLoader)  # tuples as written
+    assert list(hparams["sizes"]) == [8, 6, 6, 3]  # the starting widths, as constructed
+    assert hparams["final_topology"] == {"net.hidden.0": model.net.hidden_widths[0],
+                                         "net.hidden.1": model.net.hidden_widths[1]}
+    assert model.net.hidden_widths != [6, 6]
