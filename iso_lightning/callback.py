@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from iso_lightning.mixin import find_networks
+from iso_lightning._validation import check_int as _check_int
+from iso_lightning.mixin import _prefix, find_networks
 from iso_lightning.policies import PolicyContext, TopologyPolicy, describe
 from iso_lightning.surgery import NonFiniteError
 
@@ -30,16 +31,6 @@ _REFUSED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 _REFUSED_CALLBACKS = ("WeightAveraging", "StochasticWeightAveraging")
 
 
-def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"None or an int >= {minimum}" if optional else f"an int >= {minimum}"
-        raise ValueError(f"Expected argument `{name}` to be {allowed}, but got {value!r}.")
-
-
-def _prefix(path: str) -> str:
-    return f"{path}." if path else ""
 
 
 class DynamicTopologyCallback(Callback):

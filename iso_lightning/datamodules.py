@@ -30,6 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from iso_lightning._validation import check_bool as _check_bool
+from iso_lightning._validation import check_int as _check_int
 from iso_lightning.data import (
     CIFAR_FILES,
     DEFAULT_FASHION_MNIST,
@@ -65,17 +67,6 @@ _STAGES = (None, "fit", "validate", "test", "predict")
 
 
 # -- argument checks ---------------------------------------------------------------------------------
-def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"None or an int >= {minimum}" if optional else f"an int >= {minimum}"
-        raise ValueError(f"Expected argument `{name}` to be {allowed}, but got {value!r}.")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Expected argument `{name}` to be a bool, but got {value!r}.")
 
 
 def _check_val_fraction(value: Any) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iso_lightning._validation import check_choice as _check_choice
 from iso_lightning.activations import IsotropicActivation
 from iso_lightning.functional import PROFILES
 from iso_lightning.spaces import Binding, NeuronSpace
@@ -31,11 +32,6 @@ __all__ = ["INITS", "PSI_MODES", "IsoConv2d", "IsoLinear", "IsotropicConvNet", "
 PSI_MODES = ("none", "constant", "trainable", "decay")
 #: Weight initialisations.
 INITS = ("orthogonal", "xavier_uniform", "kaiming_uniform", "normal", "default")
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"Expected argument `{name}` to be one of {list(allowed)}, but got {value!r}.")
 
 
 def _register_correction(module: nn.Module, shape: Optional[Tuple[int, ...]], mode: str) -> None:

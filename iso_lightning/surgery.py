@@ -40,6 +40,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
+from iso_lightning._validation import check_int
 from iso_lightning.axis import AxisTransform, DenseRotation, Extension, HouseholderRotation, Selection
 from iso_lightning.functional import radial_scale as act_scale
 from iso_lightning.optim import StateRemapper
@@ -126,9 +127,8 @@ class SparsifyReport:
 
 # ---------------------------------------------------------------------------- checks
 def _check_count(name: str, n: Any, minimum: int = 1) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
-        raise ValueError(f"Expected argument `{name}` to be an int >= {minimum}, but got {n!r}.")
-    return n
+    check_int(name, n, minimum)
+    return int(n)
 
 
 def _check_finite(space: NeuronSpace) -> None:
