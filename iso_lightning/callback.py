@@ -255,6 +255,11 @@ class DynamicTopologyCallback(Callback):
             snapshots = snapshots if snapshots is not None else self._snapshots(pl_module)
         except NonFiniteError as err:
             return {"skip": str(err)}
+        for path, net in find_networks(pl_module).items():
+            for name, param in net.named_parameters():
+                if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+                    where = f"{_prefix(path)}{name}"
+                    return {"skip": f"the gradient of `{where}` holds non-finite values; refusing to remap it."}
         decision = self.policy.decide(snapshots, self._context(trainer, pl_module))
         return {"decision": decision,
                 "sigma": {n: [float(v) for v in s.singular_values] for n, s in snapshots.items() if n in decision}}
