@@ -171,6 +171,17 @@ class IsotropicNetwork(nn.Module):
             h, s = self.activation(index).forward_with_scale(z)
         raise AssertionError("unreachable")
 
+    def hidden_output(self, x: Tensor, layer: int) -> Tensor:
+        """The activations ``h_l`` of hidden space ``layer`` for inputs ``x``."""
+        layer = self._check_layer(layer)
+        h, s = x, None
+        for index in range(layer + 1):
+            affine = self.affine(index)
+            if isinstance(affine, IsoLinear) and h.dim() > 2:
+                h = h.flatten(1)
+            h, s = self.activation(index).forward_with_scale(affine(h, s))
+        return h
+
     def regularisation(self) -> Tensor:
         r"""The psi penalty :math:`\lambda \sum_l \lVert \psi_l \rVert^2` of ``psi="decay"`` (else 0).
 
@@ -295,11 +306,16 @@ class IsotropicNetwork(nn.Module):
                             generator=generator, on_unknown=on_unknown)
 
     def shrink(self, layer: int, n: int = 1, *, optimizer: Any = None, probe: Optional[Tensor] = None,
-               on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
-        """Remove the ``n`` weakest directions of hidden space ``layer`` (one eigen-decomposition for any ``n``)."""
+               expectation: Optional[Tensor] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+        """Remove the ``n`` weakest directions of hidden space ``layer`` (one eigen-decomposition for any ``n``).
+
+        ``expectation``: inputs over which the removed neurons' mean output is folded into the next
+        bias instead of into psi (see :func:`iso_lightning.surgery.shrink`).
+        """
         from iso_lightning import surgery
 
-        return surgery.shrink(self, layer, n, optimizer=optimizer, probe=probe, on_unknown=on_unknown)
+        return surgery.shrink(self, layer, n, optimizer=optimizer, probe=probe, expectation=expectation,
+                              on_unknown=on_unknown)
 
     def remove_group(self, layer: int, group: Optional[int] = None, *, optimizer: Any = None,
                      probe: Optional[Tensor] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]

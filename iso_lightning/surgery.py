@@ -560,15 +560,30 @@ def _pick_removals(sigma_by_group: List[Tensor], n: int, space: NeuronSpace) -> 
 
 
 def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe: Optional[Tensor] = None,
-           on_unknown: str = "raise") -> SurgeryReport:
-    """Remove the ``n`` weakest directions of hidden space ``layer`` (see the module docstring).
+           expectation: Optional[Tensor] = None, on_unknown: str = "raise") -> SurgeryReport:
+    r"""Remove the ``n`` weakest directions of hidden space ``layer`` (see the module docstring).
 
     Refuses to leave a space (or a group) without neurons. The report lists the removed singular
     values and biases, the folds applied and an error estimate; with ``probe`` inputs it also
     measures the largest change of the network output.
+
+    ``expectation`` (inputs, e.g. a training batch) selects the *expectation fold* instead of the
+    psi fold: the removed neurons' mean output over those inputs, :math:`W_{l+1}[:, k]\,
+    \mathbb{E}[h_k]`, is added to the next layer's bias. It needs no psi, is exact only for outputs
+    that do not vary, and its error estimate is :math:`\lVert W_{l+1}[:, removed] \rVert` times the
+    removed outputs' standard deviation. Only for a dense next layer.
     """
     space = network.space(layer)
     n = _check_count("n", n)
+    if expectation is not None:
+        if not isinstance(expectation, Tensor) or expectation.dim() < 2 or expectation.shape[0] < 1:
+            raise ValueError(
+                f"Expected argument `expectation` to be a batch of inputs (a tensor of shape (N, ...)), but got "
+                f"{type(expectation).__name__}."
+            )
+        nxt = network.affine(layer + 1)
+        if nxt.weight.dim() != 2 or space.weight_out.inner != 1:  # type: ignore[union-attr]
+            raise ValueError("Expected a dense layer after the space for `expectation`; the next layer is not one.")
     if n >= space.width:
         raise ValueError(
             f"Expected argument `n` to be smaller than the width of `{space.name}` ({space.width}): a space keeps "
@@ -605,7 +620,10 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
 
     index_before = space.group_index()
     _transform_space(space, rotation, remapper)
-    details = _fold(space, removed_idx)
+    if expectation is None:
+        details = _fold(space, removed_idx)
+    else:
+        details = _expectation_fold(network, layer, space, removed_idx, expectation)
     a_removed = space.incoming_matrix()[removed_idx].to(torch.float64)
     residual = float(a_removed.norm())
     # Per group: rows removed from different groups are not orthogonal to each other.
@@ -630,9 +648,10 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
 
     # Round-off of the rotation itself: a few ulps of |A| per neuron.
     tol = 10 * width * torch.finfo(a.dtype).eps * max(1.0, float(a.norm()))
-    estimate = residual * out_norm + details["unabsorbed"]
+    estimate = residual * out_norm + details["unabsorbed"] if expectation is None else details["spread"]
     report = SurgeryReport("shrink", space.name, width, width - n, sigma_removed, estimate,
-                           exact=residual <= tol and details["unabsorbed"] == 0.0 and not details["clamped"],
+                           exact=(residual <= tol and details["unabsorbed"] == 0.0 and not details["clamped"]
+                                  and details.get("spread", 0.0) == 0.0),
                            details=details)
     report.details["residual"] = residual
     report.measured_error = _probe_error(network, probe, before)
@@ -654,6 +673,21 @@ class _HouseholderFromV(HouseholderRotation):
 
 def _compact_groups(index: Tensor) -> Tensor:
     return index  # every group keeps at least one neuron in a shrink
+
+
+def _expectation_fold(network: Any, layer: int, space: NeuronSpace, removed: Tensor, inputs: Tensor) -> Dict[str, Any]:
+    """Add the removed neurons' mean contribution over ``inputs`` to the next layer's bias."""
+    with torch.no_grad():
+        first = network.affine(0).weight
+        h = network.hidden_output(inputs.to(device=first.device, dtype=first.dtype), layer)[:, removed]
+        h = h.to(torch.float64)
+        mean, spread = h.mean(dim=0), h.std(dim=0, unbiased=False)
+        w_out = network.affine(layer + 1).weight.detach()[:, removed].to(torch.float64)
+        bias = network.affine(layer + 1).bias
+        bias.add_((w_out @ mean).to(bias.dtype))
+    return {"removed_mean": mean.tolist(), "spread": float(torch.linalg.matrix_norm(w_out, 2) * spread.norm()),
+            "unabsorbed": 0.0, "clamped": False, "folded_length": False, "folded_psi": False,
+            "expectation_fold": True}
 
 
 def _fold(space: NeuronSpace, removed: Tensor) -> Dict[str, Any]:

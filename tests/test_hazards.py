@@ -110,3 +110,4 @@ def test_callback_never_operates_on_non_finite_state(where, value):
     strict = DynamicTopologyCallback(ScaffoldPolicy(threshold=10.0, scaffold=0), on_nonfinite="raise")
     with pytest.raises(NonFiniteError, match="net"):
         strict._adapt(fake_trainer(), module)
+
