@@ -163,6 +163,15 @@ class DynamicTopologyCallback(Callback):
         pl_module.log("params", float(sum(p.numel() for p in pl_module.parameters())), prog_bar=True, logger=False,
                       on_step=True, on_epoch=False)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a resume the checkpoint's history is the truth: a run killed after its last
+        # checkpoint may have appended events that will now happen again.
+        path = self.events_path(trainer)
+        if trainer.is_global_zero and path is not None and os.path.exists(path):
+            os.remove(path)
+            if self.events:
+                self._write_csv(trainer, self.events)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
