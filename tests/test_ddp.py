@@ -32,3 +32,17 @@ def test_ddp_two_ranks_stay_identical_across_topology_events(tmp_path):
     # Events are written once, by rank 0.
     rows = (tmp_path / "topology_events.csv").read_text().splitlines()
     assert len(rows) == len(events) + 1
+
+
+@pytest.mark.slow
+def test_ddp_sustained_load_500_steps(tmp_path):
+    """A topology event every 10 optimizer steps for 500 steps on 2 ranks: no hang (the subprocess
+    has its own timeout), identical parameters, every event logged once."""
+    rank0, rank1 = run(tmp_path, steps=500, every=10, timeout=900)
+    events = rank0["events"]
+    assert len(events) >= 2 * 49  # 50 adaptations (steps 10..500) of both hidden spaces
+    assert rank0["events"] == rank1["events"] and rank0["widths"] == rank1["widths"]
+    for name, value in rank0["state"].items():
+        torch.testing.assert_close(value, rank1["state"][name], rtol=0, atol=0, msg=name)
+    rows = (tmp_path / "topology_events.csv").read_text().splitlines()
+    assert len(rows) == len(events) + 1
