@@ -53,3 +53,19 @@ def test_fit_then_test_then_resume_from_the_resized_checkpoint(tmp_path, capsys,
     main(["fit", *args(tmp_path, data, "--trainer.max_epochs", "4"), "--ckpt_path", last[0]])
     out = capsys.readouterr().out
     assert "test accuracy" in out
+
+
+def test_threads_option_is_checked_and_applied(tmp_path):
+    import torch
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make_dataset(data, n_train=60, n_test=20)
+    with pytest.raises(ValueError, match="`threads`"):
+        main(["fit", *args(tmp_path, data), "--threads", "0"])
+    previous = torch.get_num_threads()
+    try:
+        main(["validate", *args(tmp_path, data), "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
