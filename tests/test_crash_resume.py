@@ -64,7 +64,8 @@ def test_random_sigkill_then_resume(tmp_path, reference, trial):
     if killed:
         proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    resume_and_compare(tmp_path, reference)
+    ckpt = resume_and_compare(tmp_path, reference)
+    assert ckpt is not None  # a checkpoint existed before the kill, and a valid one was found
     trials.append(killed)
 
 
