@@ -37,13 +37,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from iso_lightning import IsotropicMLP
 from iso_lightning.datamodules import DATAMODULES
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import mean_se  # noqa: E402
 
 KINDS = ("static", "growing", "shrinking")
 OPS = ("grow", "shrink", "diagonalise-left", "diagonalise-full", "sparsify")
@@ -92,14 +95,6 @@ def time_op(name: str, net: IsotropicMLP, opt: torch.optim.Optimizer, repeats: i
             fn(n2, o2)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def mean_se(values: Sequence[float]) -> Tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def stats(values: Sequence[float]) -> Dict[str, Any]:

@@ -44,6 +44,9 @@ from torch import Tensor, nn
 from iso_lightning import IsotropicMLP, PolicyContext, ScaffoldPolicy, apply_decision, describe
 from iso_lightning.data import load_idx_dataset
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import data_order, mean_se  # noqa: E402
+
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 FULL = "iso-full"
 DYNAMIC = "dynamic"
@@ -95,12 +98,6 @@ def prepare(args: argparse.Namespace) -> Tuple[Data, int]:
         x_train, y_train = x_train[: args.train_subset], y_train[: args.train_subset]
     x_train, x_test = standardise(x_train, x_test)
     return (x_train.contiguous(), y_train, x_test.contiguous(), y_test), classes
-
-
-def data_order(seed: int, n: int, epochs: int) -> List[Tensor]:
-    """One permutation of the training set per epoch, from the seed alone: shared by every model."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randperm(n, generator=g) for _ in range(epochs)]
 
 
 # ---------------------------------------------------------------------------- models
@@ -240,14 +237,6 @@ def _worker_run(task: Tuple[Dict[str, Any], int]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- summaries
-def mean_se(values: Sequence[float]) -> Tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def summarise(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Mean and standard error over seeds per (width, model); paired differences to tanh and full."""
     by_key: Dict[Tuple[Any, str], Dict[int, Dict[str, Any]]] = {}

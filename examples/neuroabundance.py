@@ -38,27 +38,14 @@ from torch import Tensor, nn
 from iso_lightning import IsotropicMLP, PolicyContext, WidthSchedulePolicy, apply_decision, describe
 from iso_lightning.datamodules import DATAMODULES
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import data_order, mean_se, prepare  # noqa: E402
+
 DATASETS = tuple(DATAMODULES)
 Data = Tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 # ---------------------------------------------------------------------------- data
-def prepare(dataset: str, data_dir: Optional[str], train_subset: Optional[int]) -> Tuple[Data, int]:
-    """Standardised ``(x_train, y_train, x_test, y_test)`` (flattened) and the number of classes."""
-    dm = DATAMODULES[dataset](data_dir=data_dir, val_fraction=0, train_subset=train_subset, flatten=True)
-    dm.prepare_data()
-    dm.setup(None)
-    x_train, y_train = dm.train_dataset.tensors()
-    x_test, y_test = dm.test_dataset.tensors()
-    return (x_train.contiguous(), y_train, x_test.contiguous(), y_test), dm.num_classes
-
-
-def data_order(seed: int, n: int, epochs: int) -> List[Tensor]:
-    """One permutation of the training set per epoch, from the seed alone: shared by every model."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randperm(n, generator=g) for _ in range(epochs)]
-
-
 def build_model(sizes: Sequence[int], seed: int) -> IsotropicMLP:
     """The isotropic net (psi decay, trainable o) with seeded orthogonal weights, zero biases."""
     g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + sizes[1])
@@ -130,14 +117,6 @@ def _worker_run(task: Tuple[int, int, int]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- summaries
-def mean_se(values: Sequence[float]) -> Tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def fmt(pair: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
     mean, se = pair
     if math.isnan(se):

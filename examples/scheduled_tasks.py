@@ -59,6 +59,9 @@ from torch import Tensor, nn
 from iso_lightning import IsotropicMLP, PolicyContext, ScaffoldPolicy, apply_decision, describe
 from iso_lightning.data import DEFAULT_FASHION_MNIST, find_idx_dataset, load_idx_dataset
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import mean_se  # noqa: E402
+
 ARMS = ("dynamic", "static")
 DEFAULT_TASKS = ["A=fashion-mnist:0-3", "B=fashion-mnist:4-6", "C=fashion-mnist:7-9"]
 
@@ -291,14 +294,6 @@ def _worker_run(job: Tuple[str, int]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- summaries
-def mean_se(values: Sequence[float]) -> Tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def fmt(pair: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
     mean, se = pair
     return f"{mean * scale:.{digits}f}" if math.isnan(se) else f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"

@@ -42,6 +42,9 @@ from torch import Tensor, nn
 from iso_lightning import IsotropicMLP
 from iso_lightning.datamodules import DATAMODULES
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import data_order, mean_se  # noqa: E402
+
 Data = Tuple[Tensor, Tensor, Tensor, Tensor]
 
 
@@ -55,11 +58,6 @@ def prepare(args: argparse.Namespace) -> Tuple[Data, int]:
     x_train, y_train = dm.train_dataset.tensors()
     x_test, y_test = dm.test_dataset.tensors()
     return (x_train.contiguous(), y_train, x_test.contiguous(), y_test), dm.num_classes
-
-
-def data_order(seed: int, n: int, epochs: int) -> List[Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randperm(n, generator=g) for _ in range(epochs)]
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 10_000) -> float:
@@ -122,14 +120,6 @@ def _worker_run(task: Tuple[int, int]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- summaries
-def mean_se(values: Sequence[float]) -> Tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 METRICS = ("zero_fraction", "hidden_zero_fraction", "accuracy_before", "accuracy_after", "max_abs_error",
            "max_rel_error", "sparsify_seconds", "train_seconds")
 

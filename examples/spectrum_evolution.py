@@ -41,6 +41,9 @@ from torch import Tensor, nn
 from iso_lightning import IsotropicMLP
 from iso_lightning.datamodules import DATAMODULES
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import data_order, mean_se, prepare  # noqa: E402
+
 DATASETS = tuple(DATAMODULES)
 MODELS = ("isotropic", "tanh")
 THRESHOLD = 0.95
@@ -49,22 +52,6 @@ Data = Tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 # ---------------------------------------------------------------------------- data
-def prepare(dataset: str, data_dir: Optional[str], train_subset: Optional[int]) -> Tuple[Data, int]:
-    """Standardised ``(x_train, y_train, x_test, y_test)`` (flattened) and the number of classes."""
-    dm = DATAMODULES[dataset](data_dir=data_dir, val_fraction=0, train_subset=train_subset, flatten=True)
-    dm.prepare_data()
-    dm.setup(None)
-    x_train, y_train = dm.train_dataset.tensors()
-    x_test, y_test = dm.test_dataset.tensors()
-    return (x_train.contiguous(), y_train, x_test.contiguous(), y_test), dm.num_classes
-
-
-def data_order(seed: int, n: int, epochs: int) -> List[Tensor]:
-    """One permutation of the training set per epoch, from the seed alone: shared by every model."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randperm(n, generator=g) for _ in range(epochs)]
-
-
 # ---------------------------------------------------------------------------- models
 def reference_init(sizes: Sequence[int], seed: int) -> IsotropicMLP:
     """The initial weights shared by both models of this architecture and seed (orthogonal, zero biases)."""
@@ -201,14 +188,6 @@ def _init_with_fn(args: argparse.Namespace, fn: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- summaries
-def mean_se(values: Sequence[float]) -> Tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def effective_rank(sigma: Sequence[float]) -> float:
     """``exp(entropy(s / sum s))`` (Roy & Vetterli): n for n equal singular values."""
     total = sum(sigma)
