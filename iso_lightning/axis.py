@@ -106,8 +106,18 @@ class HouseholderRotation(AxisTransform):
 
     def __init__(self, reflectors: Tensor, tau: Tensor) -> None:
         n, k = reflectors.shape
-        v = torch.tril(reflectors, diagonal=-1)
-        v = v + torch.eye(n, k, dtype=v.dtype, device=v.device)
+        v = torch.tril(reflectors, diagonal=-1) + torch.eye(n, k, dtype=reflectors.dtype, device=reflectors.device)
+        self._set(v, tau)
+
+    @classmethod
+    def from_vectors(cls, v: Tensor, tau: Tensor) -> HouseholderRotation:
+        """From explicit reflector vectors ``v`` (columns, any support) and their ``tau``."""
+        rotation = cls.__new__(cls)
+        rotation._set(v, tau)
+        return rotation
+
+    def _set(self, v: Tensor, tau: Tensor) -> None:
+        k = v.shape[1]
         t = torch.zeros(k, k, dtype=v.dtype, device=v.device)
         # LAPACK's larft recurrence: T[:i, i] = -tau_i T[:i, :i] V[:, :i]^T v_i.
         for i in range(k):

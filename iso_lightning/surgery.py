@@ -613,7 +613,7 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
         taus.append(tau)
         removed.append(rows[:k])
     v_all, tau_all = torch.cat(reflectors, 1), torch.cat(taus)
-    rotation: AxisTransform = _HouseholderFromV(v_all, tau_all)
+    rotation: AxisTransform = HouseholderRotation.from_vectors(v_all, tau_all)
     if v_all.shape[1] ** 2 > width:
         rotation = DenseRotation(rotation.dense())  # type: ignore[attr-defined]
     removed_idx = torch.sort(torch.cat(removed)).values
@@ -644,7 +644,7 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     keep_idx = torch.nonzero(keep).flatten()
     index = space.group_index()
     _transform_space(space, Selection(keep_idx), remapper)
-    _set_group_index(space, _compact_groups(index[keep_idx]))
+    _set_group_index(space, index[keep_idx])  # every group keeps a neuron: numbering unchanged
 
     # Round-off of the rotation itself: a few ulps of |A| per neuron.
     tol = 10 * width * torch.finfo(a.dtype).eps * max(1.0, float(a.norm()))
@@ -656,23 +656,6 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     report.details["residual"] = residual
     report.measured_error = _probe_error(network, probe, before)
     return report
-
-
-class _HouseholderFromV(HouseholderRotation):
-    """Householder rotation from explicit unit reflectors (possibly spread over several groups)."""
-
-    def __init__(self, v: Tensor, tau: Tensor) -> None:  # noqa: D107 - same maths as the parent
-        k = v.shape[1]
-        t = torch.zeros(k, k, dtype=v.dtype)
-        for i in range(k):
-            t[i, i] = tau[i]
-            if i:
-                t[:i, i] = -tau[i] * (t[:i, :i] @ (v[:, :i].T @ v[:, i]))
-        self.v, self.t = v, t
-
-
-def _compact_groups(index: Tensor) -> Tensor:
-    return index  # every group keeps at least one neuron in a shrink
 
 
 def _expectation_fold(network: Any, layer: int, space: NeuronSpace, removed: Tensor, inputs: Tensor) -> Dict[str, Any]:
