@@ -21,7 +21,7 @@ function here returns finite values and finite, correct gradients at ``z = 0``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -32,6 +32,7 @@ __all__ = [
     "isotropic",
     "isotropic_with_scale",
     "radial_scale",
+    "scaled_squared_norm",
 ]
 
 # Below this squared radius the profiles that are analytic in r**2 use their Taylor series. The
@@ -243,20 +244,29 @@ class _IsotropicFunction(torch.autograd.Function):
         ctx.dim, ctx.group_index, ctx.groups = dim, group_index, groups
         ctx.length_shape = None if length is None else length.shape
         ctx.length_sign = None
+        ctx.set_materialize_grads(False)
+        ctx.fast = False
+        common = group_index is None and profile == "tanh" and z.device.type == "cpu"
         if length is not None and length_cap is not None:
             # `length` is a raw parameter: the effective o is min(|length|, cap), with derivative
             # sign(length) (taken as +1 at 0) that also passes at the cap, so o never gets stuck.
             raw = length.detach()
-            ctx.length_sign = torch.where(raw >= 0, 1.0, -1.0).to(raw.dtype) * (raw.abs() <= length_cap)
-            length = raw.abs().clamp(max=length_cap)
-        ctx.set_materialize_grads(False)
-        ctx.fast = False
-        if group_index is None and profile == "tanh" and z.device.type == "cpu":
+            if common and raw.numel() == 1:
+                # One group on the CPU: plain numbers, not four tiny tensor operations.
+                value = float(raw)
+                ctx.length_sign = (1.0 if value >= 0 else -1.0) if abs(value) <= length_cap else 0.0
+                length = min(abs(value), length_cap)
+            else:
+                ctx.length_sign = torch.where(raw >= 0, 1.0, -1.0).to(raw.dtype) * (raw.abs() <= length_cap)
+                length = raw.abs().clamp(max=length_cap)
+        if common:
             # The common case in as few operations as possible: at these sizes the cost of a step is
             # the number of small tensor operations, not arithmetic. The slope is left to backward.
             q = torch.linalg.vecdot(z, z, dim=dim).unsqueeze(dim)
-            if length is not None:
-                q = q + _broadcast_length(length.to(q.dtype), dim, z.dim())
+            if isinstance(length, float):
+                q.add_(length)
+            elif length is not None:
+                q.add_(_broadcast_length(length.to(q.dtype), dim, z.dim()))
             lo, hi = torch.aminmax(q)
             if float(lo) >= _series_limit(q.dtype) and math.isfinite(float(hi)):
                 r = q.sqrt()
@@ -265,6 +275,8 @@ class _IsotropicFunction(torch.autograd.Function):
                 ctx.save_for_backward(z, s, q, t)
                 ctx.fast = True
                 return z * s, s
+            if isinstance(length, float):
+                length = q.new_full((1,), length)
         q = _squared_radius(z, dim, length, group_index, groups)
         if _overflowed(z, q):
             s = _scale_from_radius(z.double(), dim, length, group_index, groups, profile)
@@ -282,7 +294,7 @@ class _IsotropicFunction(torch.autograd.Function):
         dim, group_index = ctx.dim, ctx.group_index
         if ctx.fast:
             z, s_full, q, t = ctx.saved_tensors
-            slope = (1.0 - t * t - s_full) / (2.0 * q)  # ds/dq of tanh(r)/r
+            slope = (1.0 - torch.addcmul(s_full, t, t)).div_(q).mul_(0.5)  # ds/dq of tanh(r)/r
         else:
             z, s_full, slope = ctx.saved_tensors
         if grad_h is None:
@@ -293,14 +305,18 @@ class _IsotropicFunction(torch.autograd.Function):
             zg = z.new_zeros(slope.shape).index_add(dim, group_index, z * grad_h)
         if grad_s is not None:
             zg = zg + grad_s
-        c = slope * zg
+        c = zg.mul_(slope)
         grad_z = torch.addcmul(s_full * grad_h, _expand(c, dim, group_index), z, value=2.0)
         grad_length = None
         if ctx.length_shape is not None and ctx.needs_input_grad[1]:
-            other = [d for d in range(c.dim()) if d != dim]
-            grad_length = c.sum(dim=other).reshape(ctx.length_shape) if other else c.reshape(ctx.length_shape)
-            if ctx.length_sign is not None:
-                grad_length = grad_length * ctx.length_sign
+            sign = ctx.length_sign
+            if group_index is None:
+                grad_length = c.sum().reshape(ctx.length_shape)
+            else:
+                other = [d for d in range(c.dim()) if d != dim]
+                grad_length = c.sum(dim=other).reshape(ctx.length_shape) if other else c.reshape(ctx.length_shape)
+            if sign is not None:
+                grad_length = grad_length * sign
         return grad_z, grad_length, None, None, None, None, None
 
 
@@ -376,3 +392,39 @@ def isotropic(
         True
     """
     return isotropic_with_scale(z, dim, profile, length, group_index, groups, fused)[0]
+
+
+class _ScaledSquaredNorm(torch.autograd.Function):
+    """``scale * sum_i ||t_i||^2`` in one node (a penalty over several small tensors)."""
+
+    @staticmethod
+    def forward(ctx, scale, *tensors):  # type: ignore[no-untyped-def]
+        ctx.scale = scale
+        ctx.save_for_backward(*tensors)
+        total = tensors[0].new_zeros((), dtype=torch.promote_types(tensors[0].dtype, torch.float32))
+        for t in tensors:
+            flat = t.reshape(-1)
+            total.add_(torch.dot(flat, flat))
+        return total.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        # Written with differentiable operations of the inputs, so double backward is right too.
+        factor = grad * (2.0 * ctx.scale)
+        return (None,) + tuple(t * factor for t in ctx.saved_tensors)
+
+
+def scaled_squared_norm(tensors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
+    r""":math:`\text{scale} \sum_i \lVert t_i \rVert^2` of several tensors, as one autograd node.
+
+    A penalty over a few small tensors is otherwise two operations per tensor plus the sums, each
+    with its backward node, which costs more than the arithmetic at these sizes.
+
+    Example:
+        >>> import torch
+        >>> scaled_squared_norm([torch.tensor([3.0]), torch.tensor([[4.0]])], 0.5)
+        tensor(12.5000)
+    """
+    if not tensors:
+        raise ValueError("Expected argument `tensors` to hold at least one tensor, but got none.")
+    return _ScaledSquaredNorm.apply(float(scale), *tensors)  # type: ignore[no-any-return]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from iso_lightning._validation import check_choice as _check_choice
 from iso_lightning.activations import IsotropicActivation
-from iso_lightning.functional import PROFILES
+from iso_lightning.functional import PROFILES, scaled_squared_norm
 from iso_lightning.spaces import Binding, NeuronSpace
 
 __all__ = ["INITS", "PSI_MODES", "IsoConv2d", "IsoLinear", "IsotropicConvNet", "IsotropicMLP", "IsotropicNetwork"]
@@ -187,15 +187,11 @@ class IsotropicNetwork(nn.Module):
 
         Add it to the training loss; it pulls the corrections back to zero.
         """
-        first = next(self.parameters())
-        total = first.new_zeros(())
-        if self.psi_mode != "decay":
-            return total
-        for index in range(len(self.layers)):
-            correction = self.affine(index).correction
-            if correction is not None:
-                total = total + correction.pow(2).sum()
-        return self.psi_decay * total
+        corrections = [self.affine(i).correction for i in range(len(self.layers))] if self.psi_mode == "decay" else []
+        present = [c for c in corrections if c is not None]
+        if not present:
+            return next(self.parameters()).new_zeros(())
+        return scaled_squared_norm(present, self.psi_decay)
 
     # ------------------------------------------------------------------ spaces
     def affine(self, index: int) -> Union[IsoLinear, IsoConv2d]:

@@ -28,7 +28,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from iso_lightning.functional import PROFILES, group_sq_norm, isotropic, isotropic_with_scale, radial_scale
+from iso_lightning.functional import (
+    PROFILES,
+    group_sq_norm,
+    isotropic,
+    isotropic_with_scale,
+    radial_scale,
+    scaled_squared_norm,
+)
 
 DT = torch.float64
 RTOL = 1e-13  # series truncation 2.2e-14 at the switch plus rounding; see module docstring
@@ -532,3 +539,18 @@ def test_autograd_path_supports_double_backward(profile):
     z = torch.randn(2, 4, dtype=DT, requires_grad=True)
     o = torch.tensor([0.4], dtype=DT, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda z, o: isotropic(z, profile=profile, length=o, fused=False), (z, o))
+
+
+def test_scaled_squared_norm_matches_formula_and_supports_double_backward():
+    a = torch.randn(5, 1, dtype=DT, requires_grad=True)
+    b = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    value = scaled_squared_norm([a, b], 0.37)
+    expected = 0.37 * (float((a.detach() ** 2).sum()) + float((b.detach() ** 2).sum()))
+    assert math.isclose(float(value.detach()), expected, rel_tol=1e-14)
+    assert torch.autograd.gradcheck(lambda a, b: scaled_squared_norm([a, b], 0.37), (a, b))
+    # A gradient penalty of the penalty: d/da ||2 s a||^2 = 8 s^2 a.
+    (grad_a,) = torch.autograd.grad(scaled_squared_norm([a, b], 0.37), a, create_graph=True)
+    (second,) = torch.autograd.grad(grad_a.pow(2).sum(), a)
+    torch.testing.assert_close(second, 8 * 0.37**2 * a.detach(), rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="`tensors`"):
+        scaled_squared_norm([])
