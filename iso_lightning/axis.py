@@ -19,7 +19,7 @@ permutations, selections and extensions and a diagonal approximation for a gener
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -126,6 +126,7 @@ class HouseholderRotation(AxisTransform):
                 t[:i, i] = -tau[i] * (t[:i, :i] @ (v[:, :i].T @ v[:, i]))
         self.v = v
         self.t = t
+        self._cache: Dict[Tuple[torch.dtype, torch.device, bool], Tuple[Optional[Tensor], Tensor, Tensor]] = {}
 
     @property
     def is_rotation(self) -> bool:
@@ -138,26 +139,88 @@ class HouseholderRotation(AxisTransform):
         n = self.v.shape[0]
         return torch.eye(n, dtype=self.v.dtype, device=self.v.device) - self.v @ self.t @ self.v.T
 
+    def _factors(self, dtype: torch.dtype, device: torch.device, quadratic: bool) -> Tuple[Optional[Tensor], Tensor,
+                                                                                              Tensor]:
+        key = (dtype, device, quadratic)
+        if key not in self._cache:
+            if not quadratic:
+                # M^T X = X - V (T^T V^T X): scale 1, left -V, right^T = T^T V^T.
+                factors: Tuple[Optional[Tensor], Tensor, Tensor] = (None, -self.v, self.t.T @ self.v.T)
+            else:
+                # With Y = V T V^T = P Q^T (P = V T, Q = V): (M∘M)^T x = x - 2 diag(Y) x + Q2 (P2^T x), where
+                # P2[i, ab] = P_ia P_ib and Q2[j, ab] = Q_ja Q_jb, since Y_ij^2 = sum_ab P_ia P_ib Q_ja Q_jb.
+                n, k = self.v.shape
+                p, q = self.v @ self.t, self.v
+                diag = (p * q).sum(dim=1)
+                p2 = (p[:, :, None] * p[:, None, :]).reshape(n, k * k)
+                q2 = (q[:, :, None] * q[:, None, :]).reshape(n, k * k)
+                factors = (1.0 - 2.0 * diag, q2, p2.T)
+            self._cache[key] = tuple(None if f is None else _normal_or_zero(f, dtype, device)  # type: ignore[assignment]
+                                     for f in factors)
+        return self._cache[key]
+
     def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
-        # M^T X = X - V T^T V^T X
-        v = self.v.to(view.dtype)
-        tt = self.t.T.to(view.dtype)
-        return _slabbed(view, lambda x: x - v @ (tt @ (v.T @ x)))
+        return _low_rank_update(view, *self._factors(view.dtype, view.device, quadratic=False))
 
     def quadratic(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
-        # With Y = V T V^T = P Q^T (P = V T, Q = V): (M∘M)^T x = x - 2 diag(Y) x + Q2 (P2^T x), where
-        # P2[i, ab] = P_ia P_ib and Q2[j, ab] = Q_ja Q_jb, since Y_ij^2 = sum_ab P_ia P_ib Q_ja Q_jb.
         n, k = self.v.shape
-        p = self.v @ self.t
-        q = self.v
-        diag = (p * q).sum(dim=1)
         if k * k > n:
             m2t = (self.dense() ** 2).T.to(view.dtype).contiguous()
             return _slabbed(view, lambda x: m2t @ x)
-        p2 = (p[:, :, None] * p[:, None, :]).reshape(n, k * k).to(view.dtype)
-        q2 = (q[:, :, None] * q[:, None, :]).reshape(n, k * k).to(view.dtype)
-        d = (1.0 - 2.0 * diag).to(view.dtype)[:, None]
-        return _slabbed(view, lambda x: d * x + q2 @ (p2.T @ x))
+        return _low_rank_update(view, *self._factors(view.dtype, view.device, quadratic=True))
+
+
+def _normal_or_zero(factor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``factor`` in ``dtype``, contiguous, with entries below ``eps * max|factor|`` set to zero.
+
+    A reflector built from a nearly axis-aligned vector has entries of 1e-14 and below; squared, and
+    multiplied with small optimizer state, they give subnormal float32 products, which run an order
+    of magnitude slower on x86. Their share of every output is below the dtype's resolution.
+    """
+    out = factor.to(dtype=dtype, device=device).contiguous()
+    if out.is_floating_point() and out.numel():
+        info = torch.finfo(dtype)
+        cutoff = max(info.tiny, info.eps * float(out.abs().max()))
+        out[out.abs() < cutoff] = 0
+    return out
+
+
+def _low_rank_update(view: Tensor, scale: Optional[Tensor], left: Tensor, right_t: Tensor) -> Tensor:
+    r"""In place over the space axis of a ``(pre, n, rest)`` view: :math:`X \leftarrow \mathrm{diag}(s)\, X
+    + L\,(R^T X)`, ``L`` and ``R`` of ``k`` columns (``s = 1`` when ``scale`` is ``None``).
+
+    Each block is read for the small product and updated where it lies: no copy of the tensor, and
+    only a ``k``-row temporary per slab. A weight's rows (``pre == 1``) and a next weight's columns
+    (``rest == 1``) are updated in their own layout.
+    """
+    pre, n, rest = view.shape
+    if pre == 1:
+        mat = view[0]
+        step = max(1, _SLAB_ELEMENTS // max(1, n))
+        for start in range(0, rest, step):
+            block = mat[:, start : start + step]
+            small = right_t @ block
+            if scale is not None:
+                block.mul_(scale[:, None])
+            block.addmm_(left, small)
+    elif rest == 1:
+        mat = view[:, :, 0]
+        step = max(1, _SLAB_ELEMENTS // max(1, n))
+        for start in range(0, pre, step):
+            block = mat[start : start + step]
+            small = block @ right_t.T
+            if scale is not None:
+                block.mul_(scale[None, :])
+            block.addmm_(small, left.T)
+    else:
+        step = max(1, _SLAB_ELEMENTS // max(1, n * rest))
+        for start in range(0, pre, step):
+            block = view[start : start + step]
+            small = torch.matmul(right_t, block)
+            if scale is not None:
+                block.mul_(scale[:, None])
+            block.add_(torch.matmul(left, small))
+    return view
 
 
 class Selection(AxisTransform):
