@@ -31,6 +31,7 @@ exact: the neurons' pre-activations are the constants ``b_k``, which the folds r
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -222,12 +223,16 @@ def _gram(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     four row blocks); the upper triangle is copied from the lower one.
     """
     n, d = a.shape
-    g = torch.zeros(n, n, dtype=dtype, device=a.device)
+    g = torch.empty(n, n, dtype=dtype, device=a.device)
     rows = max(1, -(-n // 4)) if n >= 64 else n
-    for start in range(0, d, _GRAM_SLAB):
+    for start in range(0, max(d, 1), _GRAM_SLAB):
         block = a[:, start : start + _GRAM_SLAB].to(dtype)
         for i in range(0, n, rows):
-            g[i : i + rows, : i + rows].addmm_(block[i : i + rows], block[: i + rows].T)
+            out = g[i : i + rows, : i + rows]
+            if start == 0:
+                torch.mm(block[i : i + rows], block[: i + rows].T, out=out)
+            else:
+                out.addmm_(block[i : i + rows], block[: i + rows].T)
     low = torch.tril(g)
     return low + torch.tril(low, -1).T
 
@@ -256,25 +261,172 @@ def _bottom_eigenpairs(g: Tensor, count: int) -> Tuple[Tensor, Tensor]:
     return vals_t[:count], vecs_t[:, :count]
 
 
-def _weakest_directions(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tensor, Tensor]:
-    """The ``count`` smallest singular values of ``a`` (ascending) and their left vectors, float64."""
+# Wider spaces whose weights are not float64 work on the float32 Gram matrix (a float32 product,
+# half the cost of a float64 one) with an inverse subspace iteration (a few triangular solves
+# instead of a dense eigen-decomposition); see :func:`_weakest_float32`. The wanted Ritz values
+# must be within this fraction of the largest of them (plus the Gram matrix's rounding) of their
+# limits.
+_ITER_TOL = 1e-4
+# Iterations allowed per neuron of the space: a dense decomposition costs ~n^3, an iteration ~n^2,
+# so beyond ~n/32 iterations the dense decomposition (the fallback) is the cheaper one. A slower
+# convergence ratio than this (estimated from the Ritz values) switches to it at once.
+_ITER_PER_NEURON = 1 / 32
+_ITER_SLOW = 0.9
+# Extra directions iterated beside the wanted ones (at least as many as wanted): the wanted ones
+# converge at the rate lambda_k / lambda_(p+1).
+_ITER_EXTRA = 8
+
+
+def _cholesky_shifted(g: Tensor, shift: float) -> Optional[Tensor]:
+    """Cholesky factor of ``g + shift * I`` (``g`` is restored), or ``None`` if not positive definite."""
+    diag = g.diagonal()
+    diag.add_(shift)
+    factor, info = torch.linalg.cholesky_ex(g)
+    diag.sub_(shift)
+    return factor if int(info) == 0 else None
+
+
+def _factor_gram(g: Tensor, scale: float) -> Optional[Tensor]:
+    """Cholesky factor of ``g + shift I`` with the smallest shift (from ``eps * scale``) that works."""
+    shift = torch.finfo(torch.float32).eps * scale  # a singular G (a zero row) needs a small one
+    for _ in range(6):
+        factor = _cholesky_shifted(g, shift)
+        if factor is not None:
+            return factor
+        shift *= 10
+    return None
+
+
+def _bottom_subspace_iterative(g: Tensor, factor: Tensor, count: int, width: int, scale: float) -> Optional[Tensor]:
+    """Orthonormal ``n x width`` basis whose Ritz pairs include the ``count`` smallest of ``g``, or ``None``.
+
+    Inverse subspace iteration (``factor`` from :func:`_factor_gram`) from a fixed random start (every
+    rank computes the same basis), with one shift towards the smallest Ritz value once it is known.
+    ``None`` when it does not converge within the iteration budget or converges too slowly.
+    """
+    n = g.shape[0]
+    floor = _gram_floor(scale)
+    generator = torch.Generator(device=g.device).manual_seed(0)
+    x = torch.randn(n, width, generator=generator, device=g.device)
+    previous: Optional[Tensor] = None
+    change: Optional[float] = None
+    shifted = False
+    for step in range(1, max(4, int(n * _ITER_PER_NEURON)) + 1):
+        x = torch.linalg.qr(torch.cholesky_solve(x, factor)).Q
+        gx = g @ x
+        theta, vecs = torch.linalg.eigh((x.T @ gx).double())
+        bottom = theta[:count]
+        tol = _ITER_TOL * float(bottom[-1]) + floor
+        # Converged when every wanted Ritz value is within `tol` of an eigenvalue (its residual
+        # bounds that distance), or when the geometric tail of its decrease is below `tol`: Ritz
+        # values fall monotonically to their limits, by a ratio estimated from the last two steps.
+        wanted = vecs[:, :count]
+        residual = float((gx.double() @ wanted - (x.double() @ wanted) * bottom).norm(dim=0).max())
+        if residual <= tol:
+            return x.double() @ vecs
+        last = None if previous is None else float((previous - bottom).abs().max())
+        if last is not None and change is not None and change > 0:
+            ratio = last / change
+            if last <= tol and last * ratio / max(1.0 - ratio, 1e-3) <= tol:
+                return x.double() @ vecs
+            if step > 4 and ratio > _ITER_SLOW:
+                return None
+        previous, change = bottom, last
+        if step == 2 and not shifted and float(theta[0]) > floor:
+            # Shift towards the smallest Ritz value: theta_0 >= lambda_0, so a factorisation that
+            # succeeds proves the shift lies below the spectrum.
+            for fraction in (0.99, 0.9):
+                candidate = _cholesky_shifted(g, -fraction * float(theta[0]))
+                if candidate is not None:
+                    factor, shifted = candidate, True
+                    break
+    return None
+
+
+def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Optional[Tuple[Tensor, Tensor, float]]:
+    r"""The ``count`` smallest singular values and left vectors of ``a`` from its float32 Gram matrix.
+
+    A basis of ``count + max(8, count)`` directions holding the weakest ones comes from an inverse
+    subspace iteration on :math:`\hat G = \mathrm{fl}_{32}(A A^T)` (or, when that converges slowly,
+    as on tightly clustered spectra, from a dense decomposition of the same matrix). A final
+    Rayleigh-Ritz step in the metric of ``a`` itself (the basis images :math:`x^T A`, computed from
+    the weights) then separates near-null directions to about :math:`\epsilon\,\sigma_{max}`, as an
+    SVD of the float32 weights would, where :math:`\hat G` alone resolves only
+    :math:`\sqrt{\epsilon}\,\sigma_{max}`. The third value is :math:`\lVert A \rVert_F^2`. ``None``
+    when :math:`\hat G` cannot be factorised; the caller then uses the float64 route.
+    """
     n, d = a.shape
-    if count <= 0:
-        return torch.zeros(0, dtype=torch.float64), torch.zeros(n, 0, dtype=torch.float64)
+    g = _gram(a, torch.float32)
+    diagonal = g.diagonal()
+    # |G_ij| <= sqrt(G_ii G_jj): a finite diagonal (of finite weights) means a finite matrix.
+    scale, frobenius = float(diagonal.max()), float(diagonal.sum())
+    if not (math.isfinite(scale) and math.isfinite(frobenius)):
+        raise NonFiniteError(f"Space `{space.name}`: its Gram matrix overflows; refusing to shrink it.")
+    if scale == 0.0:  # every row is zero: every direction is a null direction
+        return (torch.zeros(count, dtype=torch.float64), torch.eye(n, count, dtype=torch.float64, device=a.device),
+                0.0)
+    width = min(n, count + max(_ITER_EXTRA, count))
+    factor = _factor_gram(g, scale)
+    basis = None if factor is None else _bottom_subspace_iterative(g, factor, count, width, scale)
+    if basis is None:
+        if not (a.device.type == "cpu" and width < n):
+            return None
+        basis = _bottom_eigenpairs(g, width)[1]
+    x, images, values, inner = _ritz_with_weights(a, basis.to(device=a.device))
+    eps = torch.finfo(torch.float32).eps
+    for _ in range(2):
+        weakest = float(values[count - 1])
+        if factor is None or not (10 * eps) ** 2 * scale < weakest <= 1e3 * _gram_floor(scale):
+            break
+        # Weak directions the Gram matrix does not resolve, above the float32 floor: a
+        # preconditioned correction, its residual computed from the weights (G q = A (A^T q)).
+        wanted = inner[:, :count]
+        q = x @ wanted
+        residual = (a.to(torch.float32) @ (wanted.T @ images).T.to(torch.float32)).double() - q * values[:count]
+        correction = torch.cholesky_solve(residual.to(torch.float32), factor).double()
+        x, images, values, inner = _ritz_with_weights(a, torch.cat([x, correction], dim=1))
+    return values[:count].clamp_min(0).sqrt(), (x @ inner)[:, :count], frobenius
+
+
+def _gram_floor(scale: float) -> float:
+    """Rounding of a float32 Gram matrix whose largest diagonal entry is ``scale``, in eigenvalue units."""
+    return 10 * torch.finfo(torch.float32).eps * scale
+
+
+def _ritz_with_weights(a: Tensor, basis: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rayleigh-Ritz of ``A A^T`` on ``span(basis)`` from the images ``x^T A`` (one pass over ``a``).
+
+    Returns the orthonormal basis ``x`` (float64), the images, and the Ritz values (ascending) with
+    their coefficients in ``x``.
+    """
+    x = torch.linalg.qr(basis.double()).Q
+    # x^T A in the weights' layout (rows of A are contiguous).
+    images = (x.T.to(torch.float32) @ a.to(torch.float32)).double()
+    values, inner = torch.linalg.eigh(images @ images.T)
+    return x, images, values, inner
+
+
+def _weakest_directions(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tensor, Tensor, float]:
+    """The ``count`` smallest singular values of ``a`` (ascending), their left vectors (float64), and
+    :math:`\\lVert a \\rVert_F^2` (a by-product of every route)."""
+    n, d = a.shape
+    found: Optional[Tuple[Tensor, Tensor, float]] = None
     if n <= _SVD_WIDTH and n * d <= _SVD_ELEMENTS:
         u, s, _ = torch.linalg.svd(a.to(torch.float64), full_matrices=d < n)
         sigma = torch.zeros(n, dtype=torch.float64)
         sigma[: s.numel()] = s
-        pairs = (sigma.flip(0)[:count], u.flip(1)[:, :count])
-    else:
+        found = (sigma.flip(0)[:count], u.flip(1)[:, :count], float((s * s).sum()))
+    elif a.dtype != torch.float64 and count > 0:
+        found = _weakest_float32(a, count, space)
+    if found is None:
         g = _gram(a)
         if not bool(torch.isfinite(g).all()):
             raise NonFiniteError(f"Space `{space.name}`: its Gram matrix overflows; refusing to shrink it.")
-        vals, vecs = _bottom_eigenpairs(g, count)
-        pairs = (vals.clamp_min(0).sqrt(), vecs)
-    if not (bool(torch.isfinite(pairs[0]).all()) and bool(torch.isfinite(pairs[1]).all())):
+        vals, vecs = _bottom_eigenpairs(g, count) if count > 0 else (g.new_zeros(0), g.new_zeros(n, 0))
+        found = (vals.clamp_min(0).sqrt(), vecs, float(g.diagonal().sum()))
+    if not (bool(torch.isfinite(found[0]).all()) and bool(torch.isfinite(found[1]).all())):
         raise NonFiniteError(f"Space `{space.name}`: its singular basis is not finite (degenerate spectrum).")
-    return pairs
+    return found
 
 
 def left_basis(a: Tensor) -> Tuple[Tensor, Tensor]:
@@ -597,12 +749,12 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     # Each group can give at most n candidates and must keep one neuron.
     eig = [_weakest_directions(a if len(rows_by_group) == 1 else a[rows], min(n, rows.numel() - 1), space)
            for rows in rows_by_group]
-    counts = _pick_removals([sigma for sigma, _ in eig], n, space)
+    counts = _pick_removals([sigma for sigma, _, _ in eig], n, space)
 
     # Householder reflectors that bring each group's weakest directions to its first positions.
     width = space.width
     reflectors, taus, removed = [], [], []
-    for rows, (_, vecs), k in zip(rows_by_group, eig, counts):
+    for rows, (_, vecs, _), k in zip(rows_by_group, eig, counts):
         if k == 0:
             continue
         bottom = vecs[:, :k]  # weakest first
@@ -647,7 +799,8 @@ def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe
     _set_group_index(space, index[keep_idx])  # every group keeps a neuron: numbering unchanged
 
     # Round-off of the rotation itself: a few ulps of |A| per neuron.
-    tol = 10 * width * torch.finfo(a.dtype).eps * max(1.0, float(a.norm()))
+    norm = math.sqrt(sum(frobenius for _, _, frobenius in eig))  # ||A||_F, from the decompositions
+    tol = 10 * width * torch.finfo(a.dtype).eps * max(1.0, norm)
     estimate = residual * out_norm + details["unabsorbed"] if expectation is None else details["spread"]
     report = SurgeryReport("shrink", space.name, width, width - n, sigma_removed, estimate,
                            exact=(residual <= tol and details["unabsorbed"] == 0.0 and not details["clamped"]

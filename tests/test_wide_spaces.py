@@ -1,0 +1,163 @@
+"""Shrinking wide float32 spaces (more than 256 neurons), against a float64 SVD reference.
+
+Such spaces take their removal directions from the float32 Gram matrix: an inverse subspace
+iteration, or a dense decomposition of the same matrix when the iteration converges slowly, then a
+Rayleigh-Ritz step with the weights themselves (:func:`iso_lightning.surgery._weakest_float32`).
+The reference here is ``numpy.linalg.svd`` of the same weights in float64.
+
+Tolerances, from the method:
+
+* removed singular values: the iteration stops when the wanted Ritz values are within ``1e-4`` of
+  their limits (relative), and the Gram matrix resolves eigenvalues to ``~10 eps sigma_max^2``; the
+  final step with the weights then resolves singular values to ``~eps sigma_max`` inside the basis.
+  ``2e-4`` relative plus ``1e-4 sigma_max`` absolute covers both with a factor of ~2-5 over the largest
+  errors measured on these spectra (8e-5 relative, 4.5e-5 sigma_max), and is far below the gaps
+  (>= 1e-2 relative) that a wrong choice of direction would show.
+* planted zero singular values (rotated, so not coordinate axes) with ``o`` and psi on: the float32
+  bound of the property tests, ``1e-5`` relative change of the output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import iso_lightning as il
+from iso_lightning import surgery
+
+WIDTH, INPUTS = 300, 900  # wider than surgery._SVD_WIDTH: the float32 Gram route
+REL, ABS = 2e-4, 1e-4  # see the module docstring
+
+
+def _orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _net(spectrum: torch.Tensor, seed: int = 0) -> il.IsotropicMLP:
+    """[INPUTS, WIDTH, 7] whose first weight is U diag(spectrum) V^T with Haar-random U and V."""
+    g = torch.Generator().manual_seed(seed)
+    net = il.IsotropicMLP([INPUTS, WIDTH, 7], psi="constant", length="constant", generator=g)
+    u = _orthogonal(WIDTH, g)
+    v = torch.linalg.qr(torch.randn(INPUTS, WIDTH, generator=g, dtype=torch.float64))[0]
+    with torch.no_grad():
+        net.layers[0].weight.copy_(((u * spectrum) @ v.T).float())
+        net.layers[0].bias.copy_(torch.randn(WIDTH, generator=g))
+        net.layers[1].weight.mul_(3.0)
+    return net
+
+
+def _spectrum(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    if kind == "uniform":
+        return 0.5 + 2 * torch.rand(WIDTH, generator=g, dtype=torch.float64)
+    if kind == "clustered":  # every value within ~1 % of 1: the iteration hands over to the dense route
+        return 1 + 0.01 * torch.randn(WIDTH, generator=g, dtype=torch.float64)
+    if kind == "ill-conditioned":
+        return torch.logspace(0, -3, WIDTH, dtype=torch.float64)
+    if kind == "separated":  # a few weak directions well below the rest (scaffold-like)
+        s = 0.5 + 2 * torch.rand(WIDTH, generator=g, dtype=torch.float64)
+        s[:6] = torch.tensor([0.01, 0.02, 0.03, 0.05, 0.08, 0.1], dtype=torch.float64)
+        return s
+    raise AssertionError(kind)
+
+
+def _reference(net: il.IsotropicMLP) -> np.ndarray:
+    return np.linalg.svd(net.layers[0].weight.detach().double().numpy(), compute_uv=False)  # descending
+
+
+@pytest.mark.parametrize("kind", ["uniform", "clustered", "ill-conditioned", "separated"])
+@pytest.mark.parametrize("n", [1, 5])
+def test_removes_the_smallest_singular_values(kind: str, n: int) -> None:
+    net = _net(_spectrum(kind))
+    sigma = _reference(net)
+    report = net.shrink(0, n)
+    removed = np.sort(report.singular_values.numpy())
+    expected = np.sort(sigma)[:n]
+    np.testing.assert_allclose(removed, expected, rtol=REL, atol=ABS * sigma[0])
+    kept = _reference(net)
+    np.testing.assert_allclose(kept, sigma[: WIDTH - n], rtol=REL, atol=ABS * sigma[0])
+    assert net.hidden_widths == [WIDTH - n]
+
+
+@pytest.mark.parametrize("zeros", [1, 3])
+@pytest.mark.parametrize("kind", ["uniform", "ill-conditioned"])
+def test_zero_singular_values_are_removed_exactly(kind: str, zeros: int) -> None:
+    spectrum = _spectrum(kind)
+    spectrum[-zeros:] = 0.0  # rotated by U: null directions that are not coordinate axes
+    net = _net(spectrum, seed=zeros)
+    x = torch.randn(64, INPUTS, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = net(x)
+    report = net.shrink(0, zeros)
+    with torch.no_grad():
+        after = net(x)
+    change = float((after - before).abs().max() / before.abs().max())
+    assert change <= 1e-5, f"relative output change {change:.2e}"
+    assert report.exact
+    # What the float32 Gram matrix and the final step resolve (module docstring); an SVD of the
+    # float32 weights would find ~1e-7.
+    assert float(report.singular_values.max()) <= ABS * float(spectrum.max())
+
+
+def test_iteration_hands_clustered_spectra_to_the_dense_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    dense = surgery._bottom_eigenpairs
+    monkeypatch.setattr(surgery, "_bottom_eigenpairs", lambda g, count: calls.append(count) or dense(g, count))
+    _net(_spectrum("clustered")).shrink(0, 1)
+    assert calls == [1 + surgery._ITER_EXTRA], "a slow iteration switches to a dense decomposition of the same matrix"
+    calls.clear()
+    _net(_spectrum("separated")).shrink(0, 1)
+    assert calls == [], "a well separated weak direction needs no dense decomposition"
+
+
+def test_same_weights_give_the_same_removal() -> None:
+    # Every rank of a distributed run must compute the same rotation: the start vectors are seeded.
+    first, second = _net(_spectrum("uniform")), _net(_spectrum("uniform"))
+    torch.manual_seed(0)
+    first.shrink(0, 3)
+    torch.manual_seed(1)  # the global generator must not matter
+    second.shrink(0, 3)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_zero_layer_and_overflow() -> None:
+    net = _net(_spectrum("uniform"))
+    with torch.no_grad():
+        net.layers[0].weight.zero_()
+    x = torch.randn(8, INPUTS)
+    with torch.no_grad():
+        before = net(x)
+    assert net.shrink(0, 2).exact
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
+    huge = _net(_spectrum("uniform"))
+    with torch.no_grad():
+        huge.layers[0].weight.mul_(3e19)  # finite weights whose squares overflow float32
+    state = {k: v.clone() for k, v in huge.state_dict().items()}
+    with pytest.raises(il.NonFiniteError, match="Gram matrix overflows"):
+        huge.shrink(0, 1)
+    for k, v in huge.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed by a refused shrink"
+
+
+def test_optimizer_keeps_training_after_a_wide_shrink() -> None:
+    net = _net(_spectrum("separated"))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x, y = torch.randn(32, INPUTS), torch.randint(0, 7, (32,))
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.shrink(0, 4, optimizer=opt)
+    for p in net.parameters():
+        for value in opt.state[p].values():
+            if value.dim():
+                assert value.shape == p.shape
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
