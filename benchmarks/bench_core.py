@@ -6,7 +6,9 @@
 (a) training-step time of an isotropic MLP over a same-shape ``nn.Tanh`` MLP, [3072, 500, 500, 10],
     batch 48, AdamW; the two are interleaved step by step so machine drift hits both alike.
 (b) one grow and one shrink (with AdamW state remapping) of each hidden layer, as a fraction of one
-    training epoch over 50,000 samples (epoch time = measured step time x 50,000 / 48).
+    training epoch over 50,000 samples: a ``Trainer.fit`` epoch of the same network and optimizer
+    (DataLoader over random data, in a child process), and, stricter, 50,000 / 48 bare optimizer
+    steps timed in this process. Two shrinks: of a just-grown neuron, and of a trained layer.
 (c) shrinking 50 neurons at once over shrinking one neuron at a time 50 times.
 (d) peak extra memory (resident set) of a shrink on a 150,528 -> 1,024 layer, in a child process.
 """
@@ -83,29 +85,87 @@ def bench_step(sizes, batch_size, steps, psi, length):
     return ratio, statistics.median(t_iso), statistics.median(t_ref)
 
 
-def bench_ops(sizes, batch_size, repeats, epoch_samples):
+def bench_ops(sizes, batch_size, repeats):
+    """Median seconds of one training step, one grow, and one shrink in two situations, per hidden layer.
+
+    ``shrink (grown)`` removes the neuron a grow has just added (a zero incoming row); ``shrink
+    (trained)`` removes the weakest direction of a layer that has only been trained (no zero row:
+    the general case). Every measured operation follows a training step, as in a training loop.
+    """
     g = torch.Generator().manual_seed(1)
     net = IsotropicMLP(sizes, psi="decay", length="trainable", generator=g)
     batch = (torch.randn(batch_size, sizes[0], generator=g), torch.randint(0, sizes[-1], (batch_size,), generator=g))
     step, opt = _stepper(net, batch)
     for _ in range(3):
         step()
+
+    def timed(fn, *args, **kwargs):
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        return time.perf_counter() - start
+
     rows = []
     for layer in range(net.num_hidden):
-        t_step, t_grow, t_shrink = [], [], []
+        t_step, t_grow, t_grown, t_trained = [], [], [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            t_step.append(timed(step))
+            t_grow.append(timed(net.grow, layer, 1, optimizer=opt, generator=g))
+            t_grown.append(timed(net.shrink, layer, 1, optimizer=opt))
             step()
-            t_step.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            net.grow(layer, 1, optimizer=opt, generator=g)
-            t_grow.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            net.shrink(layer, 1, optimizer=opt)
-            t_shrink.append(time.perf_counter() - start)
-        epoch = statistics.median(t_step) * epoch_samples / batch_size
-        rows.append((layer, statistics.median(t_grow), statistics.median(t_shrink), epoch))
+            t_trained.append(timed(net.shrink, layer, 1, optimizer=opt))
+            net.grow(layer, 1, optimizer=opt, generator=g)  # back to the starting width
+        rows.append((layer, *(statistics.median(t) for t in (t_step, t_grow, t_grown, t_trained))))
     return rows
+
+
+_EPOCH_CHILD = r"""
+import json, sys, time, warnings
+import torch
+import lightning.pytorch as L
+from torch.utils.data import DataLoader, TensorDataset
+from iso_lightning import IsotropicMLP
+
+warnings.filterwarnings("ignore")
+sizes, samples, batch = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+
+
+class Module(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = IsotropicMLP(sizes, psi="decay", length="trainable")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y) + self.net.regularisation()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=1e-3)
+
+
+class EpochTimer(L.Callback):
+    def on_train_epoch_start(self, trainer, module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module):
+        self.seconds = time.perf_counter() - self.start
+
+
+g = torch.Generator().manual_seed(0)
+data = TensorDataset(torch.randn(samples, sizes[0], generator=g), torch.randint(0, sizes[-1], (samples,), generator=g))
+timer = EpochTimer()
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+trainer.fit(Module(), DataLoader(data, batch_size=batch, shuffle=True))
+print(json.dumps({"seconds": timer.seconds}))
+"""
+
+
+def bench_lightning_epoch(sizes, samples, batch_size):
+    """Seconds of one ``Trainer.fit`` training epoch over ``samples`` random samples (a child process;
+    from the epoch's first to its last hook, so start-up is not counted)."""
+    out = subprocess.run([sys.executable, "-c", _EPOCH_CHILD, json.dumps(sizes), str(samples), str(batch_size)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def bench_batch_shrink(sizes, k, repeats):
@@ -184,9 +244,16 @@ def main(argv=None):
               f"(median of 3 rounds, range {ratios[0]:.3f}-{ratios[2]:.3f}; each the median per-pair ratio of "
               f"{steps} interleaved steps; step {rounds[0][1] * 1e3:.2f} ms vs {rounds[0][2] * 1e3:.2f} ms)")
 
-    for layer, grow, shrink, epoch in bench_ops(sizes, 48, repeats, 50_000):
-        print(f"(b) hidden layer {layer}: grow {grow * 1e3:.2f} ms = {100 * grow / epoch:.4f} % of an epoch, "
-              f"shrink {shrink * 1e3:.2f} ms = {100 * shrink / epoch:.4f} % (epoch {epoch:.1f} s)")
+    samples = 50_000 if not args.quick else 2_000
+    lightning_epoch = bench_lightning_epoch(sizes, samples, 48)
+    for layer, step, grow, grown, trained in bench_ops(sizes, 48, repeats):
+        steps_epoch = step * samples / 48
+        print(f"(b) hidden layer {layer}: "
+              + ", ".join(f"{name} {t * 1e3:.2f} ms = {100 * t / lightning_epoch:.4f} % of a Lightning epoch "
+                          f"({100 * t / steps_epoch:.4f} % of {samples // 48} bare steps)"
+                          for name, t in (("grow", grow), ("shrink (grown)", grown), ("shrink (trained)", trained))))
+    print(f"    Lightning epoch over {samples:,} samples: {lightning_epoch:.2f} s; bare steps: "
+          f"{step * samples / 48:.2f} s (median step {step * 1e3:.2f} ms)")
 
     k = 50 if not args.quick else 10
     once, loop = bench_batch_shrink(sizes, k, max(3, repeats // 5))

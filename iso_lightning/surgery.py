@@ -16,9 +16,13 @@ Lightning callback does too.
 
 .. rubric:: Shrink
 
-Removing the ``k`` weakest directions of a space uses one eigen-decomposition of the Gram matrix
-:math:`A A^T` of :math:`A = [W_l \mid \psi_{l-1}]` (``n x n``, float64; never ``d x d``), a rotation of
-``k`` Householder reflectors that brings those directions to the first ``k`` positions, the folds
+Removing the ``k`` weakest directions of a space finds them once for any ``k``, as left singular
+vectors of :math:`A = [W_l \mid \psi_{l-1}]` (never a ``d x d`` matrix): from an SVD of ``A`` for
+spaces of up to 64 neurons (256 in float64); from the float32 Gram matrix :math:`A A^T` for wider spaces of float32
+(or lower precision) weights, by inverse subspace iteration and a Rayleigh-Ritz step with the
+weights themselves (:func:`_weakest_float32`); from the float64 Gram matrix for wider float64
+spaces. Then a rotation of ``k`` Householder reflectors, applied in place, brings those directions
+to the first ``k`` positions, the folds
 
 .. math::
 
@@ -207,11 +211,16 @@ def _set_group_index(space: NeuronSpace, index: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- spectra
-# Spaces up to this width take the removal directions from an SVD of A (backward stable). Wider
-# ones use the float64 Gram matrix A A^T, whose eigenvectors are accurate to about
-# eps * cond(A)**2: exactness of a zero-singular-value removal then holds to the stated bounds for
-# condition numbers up to ~1e4.
+# Spaces up to this width take the removal directions from an SVD of A (backward stable, any
+# conditioning). Wider float64 spaces use the float64 Gram matrix A A^T, whose eigenvectors are
+# accurate to about eps * cond(A)**2: exactness of a zero-singular-value removal then holds to the
+# stated bounds for condition numbers up to ~1e4. Wider float32 spaces use the float32 Gram matrix
+# with a final step on the weights (see _weakest_float32): exact to the float32 bound for condition
+# numbers up to ~1e3 (tests/test_wide_spaces.py).
 _SVD_WIDTH = 256
+# The float32 route is so much cheaper (a 256 x 784 layer: ~1 ms instead of ~30 ms) that float32
+# spaces take it from this width on; the SVD keeps the narrow ones at any conditioning.
+_SVD_WIDTH_FLOAT32 = 64
 # ... as long as the SVD's float64 copy of A stays small (128 MiB).
 _SVD_ELEMENTS = 1 << 24
 
@@ -220,7 +229,8 @@ def _gram(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """``A A^T`` in ``dtype``, never materialising more than a slab of ``A`` in that dtype.
 
     Only the blocks on and below the diagonal are multiplied (about 5/8 of a full product with
-    four row blocks); the upper triangle is copied from the lower one.
+    four row blocks), so only the **lower triangle** (with the diagonal) is defined; every consumer
+    (Cholesky, ``eigh``, LAPACK ``syevr``) reads that triangle only.
     """
     n, d = a.shape
     g = torch.empty(n, n, dtype=dtype, device=a.device)
@@ -233,8 +243,7 @@ def _gram(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
                 torch.mm(block[i : i + rows], block[: i + rows].T, out=out)
             else:
                 out.addmm_(block[i : i + rows], block[: i + rows].T)
-    low = torch.tril(g)
-    return low + torch.tril(low, -1).T
+    return g
 
 
 @functools.lru_cache(maxsize=1)
@@ -243,21 +252,24 @@ def _blas_controller() -> ThreadpoolController:
 
 
 def _bottom_eigenpairs(g: Tensor, count: int) -> Tuple[Tensor, Tensor]:
-    """The ``count`` smallest eigenvalues (ascending) and eigenvectors of a symmetric matrix, float64.
+    """The ``count`` smallest eigenvalues (ascending) and eigenvectors of a symmetric matrix, as float64.
 
-    On the CPU only the wanted pairs are computed (LAPACK ``syevr`` with an index range), about three
-    times faster than a full decomposition for a few pairs of a 500 x 500 matrix.
+    Reads the lower triangle only, in float64 (a float32 decomposition of a float32 Gram matrix
+    loses digits its weakest directions need). On the CPU only the wanted pairs are computed
+    (LAPACK ``syevr`` with an index range), about three times faster than a full decomposition for
+    a few pairs of a 500 x 500 matrix.
     """
     n = g.shape[0]
     count = min(count, n)
+    work = g.to(torch.float64)
     if g.device.type == "cpu" and count < n:
         # One BLAS thread: SciPy's OpenBLAS threads would otherwise keep spinning after the call and
         # compete with PyTorch's own threads for the same cores.
         with _blas_controller().limit(limits=1, user_api="blas"):
-            vals, vecs = scipy_linalg.eigh(g.to(torch.float64).numpy(), subset_by_index=[0, count - 1],
-                                           driver="evr", lower=True, check_finite=False)
+            vals, vecs = scipy_linalg.eigh(work.numpy(), subset_by_index=[0, count - 1], driver="evr", lower=True,
+                                           check_finite=False)
         return torch.from_numpy(vals), torch.from_numpy(np.ascontiguousarray(vecs))
-    vals_t, vecs_t = torch.linalg.eigh(g.to(torch.float64))
+    vals_t, vecs_t = torch.linalg.eigh(work)
     return vals_t[:count], vecs_t[:, :count]
 
 
@@ -286,24 +298,28 @@ def _cholesky_shifted(g: Tensor, shift: float) -> Optional[Tensor]:
     return factor if int(info) == 0 else None
 
 
-def _factor_gram(g: Tensor, scale: float) -> Optional[Tensor]:
+def _factor_gram(g: Tensor, scale: float) -> Optional[Tuple[Tensor, float]]:
     """Cholesky factor of ``g + shift I`` with the smallest shift (from ``eps * scale``) that works."""
     shift = torch.finfo(torch.float32).eps * scale  # a singular G (a zero row) needs a small one
     for _ in range(6):
         factor = _cholesky_shifted(g, shift)
         if factor is not None:
-            return factor
+            return factor, shift
         shift *= 10
     return None
 
 
-def _bottom_subspace_iterative(g: Tensor, factor: Tensor, count: int, width: int, scale: float) -> Optional[Tensor]:
+def _bottom_subspace_iterative(g: Tensor, factored: Tuple[Tensor, float], count: int, width: int,
+                               scale: float) -> Optional[Tensor]:
     """Orthonormal ``n x width`` basis whose Ritz pairs include the ``count`` smallest of ``g``, or ``None``.
 
-    Inverse subspace iteration (``factor`` from :func:`_factor_gram`) from a fixed random start (every
-    rank computes the same basis), with one shift towards the smallest Ritz value once it is known.
-    ``None`` when it does not converge within the iteration budget or converges too slowly.
+    Inverse subspace iteration (``factored`` from :func:`_factor_gram`) from a fixed random start
+    (every rank computes the same basis), with one shift towards the smallest Ritz value once it is
+    known. Products with ``g`` go through its factor, :math:`G x = L (L^T x) - s x`, so only the
+    lower triangle of ``g`` is read. ``None`` when it does not converge within the iteration budget
+    or converges too slowly.
     """
+    factor, shift = factored
     n = g.shape[0]
     floor = _gram_floor(scale)
     generator = torch.Generator(device=g.device).manual_seed(0)
@@ -313,7 +329,7 @@ def _bottom_subspace_iterative(g: Tensor, factor: Tensor, count: int, width: int
     shifted = False
     for step in range(1, max(4, int(n * _ITER_PER_NEURON)) + 1):
         x = torch.linalg.qr(torch.cholesky_solve(x, factor)).Q
-        gx = g @ x
+        gx = factor @ (factor.T @ x) - shift * x
         theta, vecs = torch.linalg.eigh((x.T @ gx).double())
         bottom = theta[:count]
         tol = _ITER_TOL * float(bottom[-1]) + floor
@@ -329,7 +345,7 @@ def _bottom_subspace_iterative(g: Tensor, factor: Tensor, count: int, width: int
             ratio = last / change
             if last <= tol and last * ratio / max(1.0 - ratio, 1e-3) <= tol:
                 return x.double() @ vecs
-            if step > 4 and ratio > _ITER_SLOW:
+            if step > 3 and ratio > _ITER_SLOW:
                 return None
         previous, change = bottom, last
         if step == 2 and not shifted and float(theta[0]) > floor:
@@ -338,7 +354,7 @@ def _bottom_subspace_iterative(g: Tensor, factor: Tensor, count: int, width: int
             for fraction in (0.99, 0.9):
                 candidate = _cholesky_shifted(g, -fraction * float(theta[0]))
                 if candidate is not None:
-                    factor, shifted = candidate, True
+                    factor, shift, shifted = candidate, -fraction * float(theta[0]), True
                     break
     return None
 
@@ -366,8 +382,8 @@ def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Optional[Tupl
         return (torch.zeros(count, dtype=torch.float64), torch.eye(n, count, dtype=torch.float64, device=a.device),
                 0.0)
     width = min(n, count + max(_ITER_EXTRA, count))
-    factor = _factor_gram(g, scale)
-    basis = None if factor is None else _bottom_subspace_iterative(g, factor, count, width, scale)
+    factored = _factor_gram(g, scale)
+    basis = None if factored is None else _bottom_subspace_iterative(g, factored, count, width, scale)
     if basis is None:
         if not (a.device.type == "cpu" and width < n):
             return None
@@ -376,14 +392,14 @@ def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Optional[Tupl
     eps = torch.finfo(torch.float32).eps
     for _ in range(2):
         weakest = float(values[count - 1])
-        if factor is None or not (10 * eps) ** 2 * scale < weakest <= 1e3 * _gram_floor(scale):
+        if factored is None or not (10 * eps) ** 2 * scale < weakest <= 1e3 * _gram_floor(scale):
             break
         # Weak directions the Gram matrix does not resolve, above the float32 floor: a
         # preconditioned correction, its residual computed from the weights (G q = A (A^T q)).
         wanted = inner[:, :count]
         q = x @ wanted
         residual = (a.to(torch.float32) @ (wanted.T @ images).T.to(torch.float32)).double() - q * values[:count]
-        correction = torch.cholesky_solve(residual.to(torch.float32), factor).double()
+        correction = torch.cholesky_solve(residual.to(torch.float32), factored[0]).double()
         x, images, values, inner = _ritz_with_weights(a, torch.cat([x, correction], dim=1))
     return values[:count].clamp_min(0).sqrt(), (x @ inner)[:, :count], frobenius
 
@@ -411,7 +427,8 @@ def _weakest_directions(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tens
     :math:`\\lVert a \\rVert_F^2` (a by-product of every route)."""
     n, d = a.shape
     found: Optional[Tuple[Tensor, Tensor, float]] = None
-    if n <= _SVD_WIDTH and n * d <= _SVD_ELEMENTS:
+    svd_width = _SVD_WIDTH if a.dtype == torch.float64 else _SVD_WIDTH_FLOAT32
+    if n <= svd_width and n * d <= _SVD_ELEMENTS:
         u, s, _ = torch.linalg.svd(a.to(torch.float64), full_matrices=d < n)
         sigma = torch.zeros(n, dtype=torch.float64)
         sigma[: s.numel()] = s
@@ -420,7 +437,7 @@ def _weakest_directions(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tens
         found = _weakest_float32(a, count, space)
     if found is None:
         g = _gram(a)
-        if not bool(torch.isfinite(g).all()):
+        if not bool(torch.isfinite(g.diagonal()).all()):  # |G_ij| <= sqrt(G_ii G_jj)
             raise NonFiniteError(f"Space `{space.name}`: its Gram matrix overflows; refusing to shrink it.")
         vals, vecs = _bottom_eigenpairs(g, count) if count > 0 else (g.new_zeros(0), g.new_zeros(n, 0))
         found = (vals.clamp_min(0).sqrt(), vecs, float(g.diagonal().sum()))
