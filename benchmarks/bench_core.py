@@ -238,10 +238,10 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sizes {sizes}, batch 48")
 
     for psi, length in (("none", "none"), ("decay", "trainable")):
-        rounds = [bench_step(sizes, 48, steps, psi=psi, length=length) for _ in range(3)]
+        rounds = [bench_step(sizes, 48, steps, psi=psi, length=length) for _ in range(5)]
         ratios = sorted(r[0] for r in rounds)
-        print(f"(a) step time isotropic (psi={psi}, length={length}) / nn.Tanh MLP: {ratios[1]:.3f}  "
-              f"(median of 3 rounds, range {ratios[0]:.3f}-{ratios[2]:.3f}; each the median per-pair ratio of "
+        print(f"(a) step time isotropic (psi={psi}, length={length}) / nn.Tanh MLP: {statistics.median(ratios):.3f}  "
+              f"(median of 5 rounds, range {ratios[0]:.3f}-{ratios[-1]:.3f}; each the median per-pair ratio of "
               f"{steps} interleaved steps; step {rounds[0][1] * 1e3:.2f} ms vs {rounds[0][2] * 1e3:.2f} ms)")
 
     samples = 50_000 if not args.quick else 2_000

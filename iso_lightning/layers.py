@@ -303,7 +303,7 @@ class IsotropicNetwork(nn.Module):
 
     def shrink(self, layer: int, n: int = 1, *, optimizer: Any = None, probe: Optional[Tensor] = None,
                expectation: Optional[Tensor] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
-        """Remove the ``n`` weakest directions of hidden space ``layer`` (one eigen-decomposition for any ``n``).
+        """Remove the ``n`` weakest directions of hidden space ``layer`` (found at once, for any ``n``).
 
         ``expectation``: inputs over which the removed neurons' mean output is folded into the next
         bias instead of into psi (see :func:`iso_lightning.surgery.shrink`).
