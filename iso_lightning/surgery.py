@@ -18,10 +18,10 @@ Lightning callback does too.
 
 Removing the ``k`` weakest directions of a space finds them once for any ``k``, as left singular
 vectors of :math:`A = [W_l \mid \psi_{l-1}]` (never a ``d x d`` matrix): from an SVD of ``A`` for
-spaces of up to 64 neurons (256 in float64); from the float32 Gram matrix :math:`A A^T` for wider spaces of float32
-(or lower precision) weights, by inverse subspace iteration and a Rayleigh-Ritz step with the
-weights themselves (:func:`_weakest_float32`); from the float64 Gram matrix for wider float64
-spaces. Then a rotation of ``k`` Householder reflectors, applied in place, brings those directions
+spaces of up to 64 neurons (256 in float64); from the float32 Gram matrix :math:`A A^T` for wider
+spaces of float32 (or lower precision) weights, by inverse subspace iteration and a Rayleigh-Ritz
+step with the weights themselves (:func:`_weakest_float32`); from the float64 Gram matrix for wider
+float64 spaces. Then a rotation of ``k`` Householder reflectors, applied in place, brings those directions
 to the first ``k`` positions, the folds
 
 .. math::
@@ -359,7 +359,7 @@ def _bottom_subspace_iterative(g: Tensor, factored: Tuple[Tensor, float], count:
     return None
 
 
-def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Optional[Tuple[Tensor, Tensor, float]]:
+def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tensor, Tensor, float]:
     r"""The ``count`` smallest singular values and left vectors of ``a`` from its float32 Gram matrix.
 
     A basis of ``count + max(8, count)`` directions holding the weakest ones comes from an inverse
@@ -368,10 +368,9 @@ def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Optional[Tupl
     Rayleigh-Ritz step in the metric of ``a`` itself (the basis images :math:`x^T A`, computed from
     the weights) then separates near-null directions to about :math:`\epsilon\,\sigma_{max}`, as an
     SVD of the float32 weights would, where :math:`\hat G` alone resolves only
-    :math:`\sqrt{\epsilon}\,\sigma_{max}`. The third value is :math:`\lVert A \rVert_F^2`. ``None``
-    when :math:`\hat G` cannot be factorised; the caller then uses the float64 route.
+    :math:`\sqrt{\epsilon}\,\sigma_{max}`. The third value is :math:`\lVert A \rVert_F^2`.
     """
-    n, d = a.shape
+    n = a.shape[0]
     g = _gram(a, torch.float32)
     diagonal = g.diagonal()
     # |G_ij| <= sqrt(G_ii G_jj): a finite diagonal (of finite weights) means a finite matrix.
@@ -385,8 +384,6 @@ def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Optional[Tupl
     factored = _factor_gram(g, scale)
     basis = None if factored is None else _bottom_subspace_iterative(g, factored, count, width, scale)
     if basis is None:
-        if not (a.device.type == "cpu" and width < n):
-            return None
         basis = _bottom_eigenpairs(g, width)[1]
     x, images, values, inner = _ritz_with_weights(a, basis.to(device=a.device))
     eps = torch.finfo(torch.float32).eps
@@ -426,7 +423,6 @@ def _weakest_directions(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tens
     """The ``count`` smallest singular values of ``a`` (ascending), their left vectors (float64), and
     :math:`\\lVert a \\rVert_F^2` (a by-product of every route)."""
     n, d = a.shape
-    found: Optional[Tuple[Tensor, Tensor, float]] = None
     svd_width = _SVD_WIDTH if a.dtype == torch.float64 else _SVD_WIDTH_FLOAT32
     if n <= svd_width and n * d <= _SVD_ELEMENTS:
         u, s, _ = torch.linalg.svd(a.to(torch.float64), full_matrices=d < n)
@@ -435,7 +431,7 @@ def _weakest_directions(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tens
         found = (sigma.flip(0)[:count], u.flip(1)[:, :count], float((s * s).sum()))
     elif a.dtype != torch.float64 and count > 0:
         found = _weakest_float32(a, count, space)
-    if found is None:
+    else:
         g = _gram(a)
         if not bool(torch.isfinite(g.diagonal()).all()):  # |G_ij| <= sqrt(G_ii G_jj)
             raise NonFiniteError(f"Space `{space.name}`: its Gram matrix overflows; refusing to shrink it.")
