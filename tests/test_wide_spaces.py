@@ -123,6 +123,15 @@ def test_iteration_hands_clustered_spectra_to_the_dense_route(monkeypatch: pytes
     assert calls == [], "a well separated weak direction needs no dense decomposition"
 
 
+def test_a_gram_matrix_that_cannot_be_factorised_takes_the_dense_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(surgery, "_cholesky_shifted", lambda g, shift: None)
+    net = _net(_spectrum("separated"))
+    sigma = _reference(net)
+    report = net.shrink(0, 3)
+    np.testing.assert_allclose(np.sort(report.singular_values.numpy()), np.sort(sigma)[:3], rtol=REL,
+                               atol=ABS * sigma[0])
+
+
 def test_same_weights_give_the_same_removal() -> None:
     # Every rank of a distributed run must compute the same rotation: the start vectors are seeded.
     first, second = _net(_spectrum("uniform")), _net(_spectrum("uniform"))
