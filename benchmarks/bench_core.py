@@ -1,6 +1,6 @@
 """Core benchmarks, measured side by side in one run (ratios, not absolute times).
 
-    python benchmarks/bench_core.py            # full sizes (about 3 minutes on 2 cores)
+    python benchmarks/bench_core.py            # full sizes (about 2 minutes on 2 cores)
     python benchmarks/bench_core.py --quick    # smaller sizes, for a smoke run
 
 (a) training-step time of an isotropic MLP over a same-shape ``nn.Tanh`` MLP, [3072, 500, 500, 10],
