@@ -167,7 +167,17 @@ class HouseholderRotation(AxisTransform):
         if k * k > n:
             m2t = (self.dense() ** 2).T.to(view.dtype).contiguous()
             return _slabbed(view, lambda x: m2t @ x)
-        return _low_rank_update(view, *self._factors(view.dtype, view.device, quadratic=True))
+        scale, left, right_t = self._factors(view.dtype, view.device, quadratic=True)
+        _low_rank_update(view, scale, left, right_t)
+        # (M∘M) has no negative entry, but its low-rank form cancels: with one reflector only in the
+        # rows where 1 - 2 diag(Y) < 0 (every other term is non-negative), with several anywhere.
+        # Clamp those entries back to zero, as the exact rule gives (Adam takes their square root).
+        if k > 1:
+            return view.clamp_min_(0)
+        rows = torch.nonzero(scale < 0).flatten() if scale is not None else scale
+        if rows is not None and rows.numel():
+            view.index_copy_(1, rows, view.index_select(1, rows).clamp_min_(0))
+        return view
 
 
 def _normal_or_zero(factor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:

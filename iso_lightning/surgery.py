@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast
 
 import numpy as np
 import scipy.linalg as scipy_linalg
@@ -130,6 +130,31 @@ class SparsifyReport:
         return self.zero_weights / max(1, self.total_weights)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _full_precision(fn: _F) -> _F:
+    """Run ``fn`` with full float32 matrix products (no TF32 or bfloat16 passes), then restore the setting.
+
+    ``torch.set_float32_matmul_precision("high")``, which Lightning suggests on GPUs, rounds the
+    inputs of float32 products to 10 or 8 bits: rotations and decompositions computed that way are
+    not function-preserving to float32 accuracy any more.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = torch.get_float32_matmul_precision()
+        if previous == "highest":
+            return fn(*args, **kwargs)
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+    return cast(_F, wrapper)
+
+
 # ---------------------------------------------------------------------------- checks
 def _check_count(name: str, n: Any, minimum: int = 1) -> int:
     check_int(name, n, minimum)
@@ -215,11 +240,11 @@ def _set_group_index(space: NeuronSpace, index: Tensor) -> None:
 # conditioning). Wider float64 spaces use the float64 Gram matrix A A^T, whose eigenvectors are
 # accurate to about eps * cond(A)**2: exactness of a zero-singular-value removal then holds to the
 # stated bounds for condition numbers up to ~1e4. Wider float32 spaces use the float32 Gram matrix
-# with a final step on the weights (see _weakest_float32): exact to the float32 bound for condition
-# numbers up to ~1e3 (tests/test_wide_spaces.py).
+# with a final step on the weights (see _weakest_float32), and the float64 route when that cannot
+# resolve their weakest directions (tests/test_wide_spaces.py).
 _SVD_WIDTH = 256
-# The float32 route is so much cheaper (a 256 x 784 layer: ~1 ms instead of ~30 ms) that float32
-# spaces take it from this width on; the SVD keeps the narrow ones at any conditioning.
+# The float32 route is so much cheaper (a 256 x 784 layer: 1.4-7.5 ms instead of ~20 ms) that
+# float32 spaces take it from this width on; the SVD keeps the narrow ones at any conditioning.
 _SVD_WIDTH_FLOAT32 = 64
 # ... as long as the SVD's float64 copy of A stays small (128 MiB).
 _SVD_ELEMENTS = 1 << 24
@@ -287,6 +312,9 @@ _ITER_SLOW = 0.9
 # Extra directions iterated beside the wanted ones (at least as many as wanted): the wanted ones
 # converge at the rate lambda_k / lambda_(p+1).
 _ITER_EXTRA = 8
+# Preconditioned corrections of weak directions below the Gram matrix's resolution; when they have
+# not settled after these, the float64 route is taken.
+_CORRECTIONS = 2
 
 
 def _cholesky_shifted(g: Tensor, shift: float) -> Optional[Tensor]:
@@ -323,11 +351,12 @@ def _bottom_subspace_iterative(g: Tensor, factored: Tuple[Tensor, float], count:
     n = g.shape[0]
     floor = _gram_floor(scale)
     generator = torch.Generator(device=g.device).manual_seed(0)
-    x = torch.randn(n, width, generator=generator, device=g.device)
+    x = torch.randn(n, width, generator=generator, dtype=g.dtype, device=g.device)
     previous: Optional[Tensor] = None
     change: Optional[float] = None
     shifted = False
-    for step in range(1, max(4, int(n * _ITER_PER_NEURON)) + 1):
+    budget = max(4, int(n * _ITER_PER_NEURON))
+    for step in range(1, budget + 1):
         x = torch.linalg.qr(torch.cholesky_solve(x, factor)).Q
         gx = factor @ (factor.T @ x) - shift * x
         theta, vecs = torch.linalg.eigh((x.T @ gx).double())
@@ -345,7 +374,10 @@ def _bottom_subspace_iterative(g: Tensor, factored: Tuple[Tensor, float], count:
             ratio = last / change
             if last <= tol and last * ratio / max(1.0 - ratio, 1e-3) <= tol:
                 return x.double() @ vecs
-            if step > 3 and ratio > _ITER_SLOW:
+            # Steps still needed at this ratio for the change to fall below `tol`: hand over to the
+            # dense decomposition at once when they would exceed the budget (or the ratio is slow).
+            needed = math.log(tol / last) / math.log(ratio) if 0 < ratio < 1 and last > tol else 0.0
+            if step > 2 and (ratio > _ITER_SLOW or step + needed > budget):
                 return None
         previous, change = bottom, last
         if step == 2 and not shifted and float(theta[0]) > floor:
@@ -359,16 +391,18 @@ def _bottom_subspace_iterative(g: Tensor, factored: Tuple[Tensor, float], count:
     return None
 
 
-def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tensor, Tensor, float]:
+def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Optional[Tuple[Tensor, Tensor, float]]:
     r"""The ``count`` smallest singular values and left vectors of ``a`` from its float32 Gram matrix.
 
     A basis of ``count + max(8, count)`` directions holding the weakest ones comes from an inverse
     subspace iteration on :math:`\hat G = \mathrm{fl}_{32}(A A^T)` (or, when that converges slowly,
     as on tightly clustered spectra, from a dense decomposition of the same matrix). A final
     Rayleigh-Ritz step in the metric of ``a`` itself (the basis images :math:`x^T A`, computed from
-    the weights) then separates near-null directions to about :math:`\epsilon\,\sigma_{max}`, as an
-    SVD of the float32 weights would, where :math:`\hat G` alone resolves only
-    :math:`\sqrt{\epsilon}\,\sigma_{max}`. The third value is :math:`\lVert A \rVert_F^2`.
+    the weights) then resolves near-null directions to about :math:`10\,\epsilon\,\sigma_{max}`,
+    where :math:`\hat G` alone resolves only :math:`\sqrt{\epsilon}\,\sigma_{max}`; weak directions
+    the Gram matrix cannot resolve get up to two preconditioned corrections. ``None`` when those
+    have not settled (more weak directions below the Gram matrix's resolution than the basis holds):
+    the caller then takes the float64 route. The third value is :math:`\lVert A \rVert_F^2`.
     """
     n = a.shape[0]
     g = _gram(a, torch.float32)
@@ -385,19 +419,29 @@ def _weakest_float32(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tensor,
     basis = None if factored is None else _bottom_subspace_iterative(g, factored, count, width, scale)
     if basis is None:
         basis = _bottom_eigenpairs(g, width)[1]
-    x, images, values, inner = _ritz_with_weights(a, basis.to(device=a.device))
-    eps = torch.finfo(torch.float32).eps
-    for _ in range(2):
+    weights = a if a.dtype == torch.float32 else a.to(torch.float32)  # one float32 copy for lower precisions
+    x, images, values, inner = _ritz_with_weights(weights, basis.to(device=a.device))
+    null_level = (10 * torch.finfo(torch.float32).eps) ** 2 * scale  # the float32 floor, in eigenvalue units
+    settled = True
+    for _ in range(_CORRECTIONS):
         weakest = float(values[count - 1])
-        if factored is None or not (10 * eps) ** 2 * scale < weakest <= 1e3 * _gram_floor(scale):
+        if factored is None or not null_level < weakest <= 1e3 * _gram_floor(scale):
+            settled = True  # at the float32 floor, or resolved by the Gram matrix
             break
         # Weak directions the Gram matrix does not resolve, above the float32 floor: a
         # preconditioned correction, its residual computed from the weights (G q = A (A^T q)).
         wanted = inner[:, :count]
         q = x @ wanted
-        residual = (a.to(torch.float32) @ (wanted.T @ images).T.to(torch.float32)).double() - q * values[:count]
+        previous = values[:count]
+        residual = (weights @ (wanted.T @ images).T.to(torch.float32)).double() - q * previous
         correction = torch.cholesky_solve(residual.to(torch.float32), factored[0]).double()
-        x, images, values, inner = _ritz_with_weights(a, torch.cat([x, correction], dim=1))
+        x, images, values, inner = _ritz_with_weights(weights, torch.cat([x, correction], dim=1))
+        moved = float((previous - values[:count]).abs().max())
+        settled = moved <= 1e-2 * float(values[count - 1]) + null_level
+        if settled:
+            break
+    if not settled:
+        return None
     return values[:count].clamp_min(0).sqrt(), (x @ inner)[:, :count], frobenius
 
 
@@ -407,14 +451,14 @@ def _gram_floor(scale: float) -> float:
 
 
 def _ritz_with_weights(a: Tensor, basis: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rayleigh-Ritz of ``A A^T`` on ``span(basis)`` from the images ``x^T A`` (one pass over ``a``).
+    """Rayleigh-Ritz of ``A A^T`` on ``span(basis)`` from the images ``x^T A`` (one pass over ``a``, float32).
 
     Returns the orthonormal basis ``x`` (float64), the images, and the Ritz values (ascending) with
     their coefficients in ``x``.
     """
     x = torch.linalg.qr(basis.double()).Q
     # x^T A in the weights' layout (rows of A are contiguous).
-    images = (x.T.to(torch.float32) @ a.to(torch.float32)).double()
+    images = (x.T.to(a.dtype) @ a).double()
     values, inner = torch.linalg.eigh(images @ images.T)
     return x, images, values, inner
 
@@ -424,14 +468,15 @@ def _weakest_directions(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tens
     :math:`\\lVert a \\rVert_F^2` (a by-product of every route)."""
     n, d = a.shape
     svd_width = _SVD_WIDTH if a.dtype == torch.float64 else _SVD_WIDTH_FLOAT32
+    found: Optional[Tuple[Tensor, Tensor, float]] = None
     if n <= svd_width and n * d <= _SVD_ELEMENTS:
         u, s, _ = torch.linalg.svd(a.to(torch.float64), full_matrices=d < n)
         sigma = torch.zeros(n, dtype=torch.float64)
         sigma[: s.numel()] = s
         found = (sigma.flip(0)[:count], u.flip(1)[:, :count], float((s * s).sum()))
-    elif a.dtype != torch.float64 and count > 0:
-        found = _weakest_float32(a, count, space)
     else:
+        found = _weakest_float32(a, count, space) if a.dtype != torch.float64 and count > 0 else None
+    if found is None:
         g = _gram(a)
         if not bool(torch.isfinite(g.diagonal()).all()):  # |G_ij| <= sqrt(G_ii G_jj)
             raise NonFiniteError(f"Space `{space.name}`: its Gram matrix overflows; refusing to shrink it.")
@@ -442,6 +487,7 @@ def _weakest_directions(a: Tensor, count: int, space: NeuronSpace) -> Tuple[Tens
     return found
 
 
+@_full_precision
 def left_basis(a: Tensor) -> Tuple[Tensor, Tensor]:
     r"""Left singular basis of ``a`` (``n x d``) and its singular values, both float64, descending.
 
@@ -477,6 +523,7 @@ def _group_rows(space: NeuronSpace) -> List[Tensor]:
     return [torch.nonzero(index == g).flatten() for g in range(space.groups())]
 
 
+@_full_precision
 def singular_values(space: NeuronSpace) -> Tensor:
     """Singular values of the space's incoming matrix, per group, concatenated and sorted descending."""
     _check_finite(space)
@@ -512,6 +559,7 @@ def _block_rotation(space: NeuronSpace) -> Tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------------- operations
+@_full_precision
 def diagonalise(network: Any, layer: int, mode: str = "left", *, optimizer: Any = None,
                 on_unknown: str = "raise") -> SurgeryReport:
     """Rewrite a hidden space in its singular basis; the function is unchanged.
@@ -576,6 +624,7 @@ def _diagonalise_full(network: Any, layer: int, optimizer: Any, on_unknown: str)
     return SurgeryReport("diagonalise", this.name, this.width, this.width, sigma, details={"mode": "full"})
 
 
+@_full_precision
 def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float = 0.01,
          group: Union[None, int, str] = None, generator: Optional[torch.Generator] = None,
          on_unknown: str = "raise") -> SurgeryReport:
@@ -638,6 +687,7 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: Any = None, scale: float 
     return SurgeryReport("grow", space.name, old, old + n, details=details)
 
 
+@_full_precision
 def remove_group(network: Any, layer: int, group: Optional[int] = None, *, optimizer: Any = None,
                  probe: Optional[Tensor] = None, on_unknown: str = "raise") -> SurgeryReport:
     r"""Remove a whole group of hidden space ``layer`` (default: the weakest, smallest :math:`\lVert A_G \rVert_F`).
@@ -724,6 +774,7 @@ def _pick_removals(sigma_by_group: List[Tensor], n: int, space: NeuronSpace) -> 
     return counts
 
 
+@_full_precision
 def shrink(network: Any, layer: int, n: int = 1, *, optimizer: Any = None, probe: Optional[Tensor] = None,
            expectation: Optional[Tensor] = None, on_unknown: str = "raise") -> SurgeryReport:
     r"""Remove the ``n`` weakest directions of hidden space ``layer`` (see the module docstring).
@@ -888,6 +939,7 @@ def _probe_error(network: Any, probe: Optional[Tensor], before: Optional[Tensor]
     return float((after - before).abs().max())  # type: ignore[operator]
 
 
+@_full_precision
 def resize(network: Any, layer: int, width: int, *, optimizer: Any = None, generator: Optional[torch.Generator] = None,
            on_unknown: str = "raise") -> Optional[SurgeryReport]:
     """Grow or shrink hidden space ``layer`` to ``width`` neurons (``None`` when it already has that width)."""
@@ -900,6 +952,7 @@ def resize(network: Any, layer: int, width: int, *, optimizer: Any = None, gener
     return None
 
 
+@_full_precision
 def set_widths(network: Any, widths: Union[Mapping[int, int], Sequence[int]], *, optimizer: Any = None,
                generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> List[SurgeryReport]:
     """Resize several hidden spaces, **last hidden layer first** (the order rule of this module).
@@ -939,6 +992,7 @@ def _boundary(network: Any, which: str) -> NeuronSpace:
     return network.input_space() if which == "input" else network.output_space()
 
 
+@_full_precision
 def add_boundary(network: Any, which: str, n: int, *, optimizer: Any = None, scale: float = 0.0,
                  generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> SurgeryReport:
     """Append ``n`` input features (new columns of ``W_1``) or outputs (new rows of ``W_L``)."""
@@ -958,6 +1012,7 @@ def add_boundary(network: Any, which: str, n: int, *, optimizer: Any = None, sca
     return SurgeryReport(f"add_{which}s", space.name, old, old + n, exact=exact, details={"scale": scale})
 
 
+@_full_precision
 def remove_boundary(network: Any, which: str, indices: Sequence[int], *, optimizer: Any = None,
                     on_unknown: str = "raise") -> SurgeryReport:
     """Delete input features or outputs by index."""
@@ -987,6 +1042,7 @@ def remove_boundary(network: Any, which: str, indices: Sequence[int], *, optimiz
                          exact=removed_norm == 0.0, details={"indices": chosen})
 
 
+@_full_precision
 def sparsify(network: Any, *, optimizer: Any = None, probe: Optional[Tensor] = None,
              on_unknown: str = "raise") -> SparsifyReport:
     r"""Alternating full diagonalisation: make hidden-to-hidden weights ``W_1, W_3, ...`` diagonal.

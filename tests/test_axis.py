@@ -152,6 +152,28 @@ def test_householder_low_rank_quadratic_equals_dense(n: int, k: int) -> None:
         assert_close(rot.quadratic(v.clone()), expected)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_householder_quadratic_keeps_moments_non_negative(k: int) -> None:
+    # Directions close to coordinate axes (a just-grown neuron, eigensolver noise) give reflectors
+    # that nearly swap neurons; with a zero moment in the pivot rows the low-rank form cancels to
+    # small negative values, which the exact rule (M∘M, no negative entry) never produces.
+    rng = torch.Generator().manual_seed(0)
+    negatives_dense = 0
+    for _ in range(100):
+        u = torch.zeros(300, k, dtype=torch.float64)
+        for j in range(k):
+            u[7 + 2 * j, j] = 1.0
+        u = torch.linalg.qr(u + 1e-5 * torch.randn(300, k, generator=rng, dtype=torch.float64)).Q
+        rot = HouseholderRotation(*torch.geqrf(u))
+        x = torch.rand(1, 300, 1, generator=rng)
+        x[0, :k, 0] = 0.0
+        out = rot.quadratic(x.clone())
+        negatives_dense += int((DenseRotation(rot.dense()).quadratic(x.clone()) < 0).sum())
+        assert bool((out >= 0).all())
+        assert_close(out, ref_apply((rot.dense() ** 2).numpy(), x.double().numpy()), torch.float32)
+    assert negatives_dense == 0
+
+
 def test_householder_identity_reflector_is_a_no_op() -> None:
     # tau = 0 is what geqrf returns for an already-triangular column: M must be the identity.
     rot = HouseholderRotation(torch.randn(5, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))

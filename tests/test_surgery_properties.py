@@ -160,10 +160,11 @@ def _nonzero_condition(space_values: torch.Tensor, dtype: torch.dtype) -> float:
     return top / float(nonzero[-1]) if nonzero.numel() else 1.0
 
 
-# Spaces of these sizes (<= 256 neurons) take the zero direction from an SVD of A, accurate to
+# Spaces of these sizes (<= 64 neurons) take the zero direction from an SVD of A, accurate to
 # ~ eps * sigma_max whatever the conditioning (see test_zero_sigma_removal_*conditioned*). Wider
-# spaces use the float64 Gram matrix A A^T (~ eps * sigma_max^2 / sigma_min); the limits below are
-# kept at what that route guarantees, so they hold for both.
+# float64 spaces use the float64 Gram matrix A A^T (~ eps * sigma_max^2 / sigma_min), wider float32
+# ones the float32 route of tests/test_wide_spaces.py; the limits below are kept at what the
+# float64 Gram route guarantees, so they would hold for it too.
 MAX_CONDITION_FOR_BOUND = {torch.float64: 1e4, torch.float32: 30.0}
 MAX_CONDITION_FOR_EXACT_FLAG = 30.0
 

@@ -9,10 +9,11 @@ Tolerances, from the method:
 
 * removed singular values: the iteration stops when the wanted Ritz values are within ``1e-4`` of
   their limits (relative), and the Gram matrix resolves eigenvalues to ``~10 eps sigma_max^2``; the
-  final step with the weights then resolves singular values to ``~eps sigma_max`` inside the basis.
-  ``2e-4`` relative plus ``1e-4 sigma_max`` absolute covers both with a factor of ~2-5 over the largest
-  errors measured on these spectra (8e-5 relative, 4.5e-5 sigma_max), and is far below the gaps
-  (>= 1e-2 relative) that a wrong choice of direction would show.
+  final step with the weights then resolves singular values to ``~10 eps sigma_max`` inside the
+  basis. ``2e-4`` relative plus ``5e-6 sigma_max`` absolute covers the largest errors measured on
+  these spectra (6.9e-5 relative, 1.1e-6 sigma_max) by a factor of ~3-5; where the gap between the
+  n-th and (n+1)-th singular value is wider than that, each removed value must also lie below
+  their midpoint, so removing the second-weakest direction instead of the weakest fails.
 * planted zero singular values (rotated, so not coordinate axes) with ``o`` and psi on: the float32
   bound of the property tests, ``1e-5`` relative change of the output, for condition numbers of the
   rest of the spectrum up to 1e3 (measured: at most 1.3e-6, with one or two threads; at 1e4, where
@@ -20,6 +21,8 @@ Tolerances, from the method:
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
@@ -29,7 +32,7 @@ import iso_lightning as il
 from iso_lightning import surgery
 
 WIDTH, INPUTS = 300, 900  # wider than surgery._SVD_WIDTH_FLOAT32: the float32 Gram route
-REL, ABS = 2e-4, 1e-4  # see the module docstring
+REL, ABS = 2e-4, 5e-6  # see the module docstring
 
 
 def _orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
@@ -76,8 +79,11 @@ def test_removes_the_smallest_singular_values(kind: str, n: int) -> None:
     sigma = _reference(net)
     report = net.shrink(0, n)
     removed = np.sort(report.singular_values.numpy())
-    expected = np.sort(sigma)[:n]
+    ascending = np.sort(sigma)
+    expected = ascending[:n]
     np.testing.assert_allclose(removed, expected, rtol=REL, atol=ABS * sigma[0])
+    if ascending[n] - ascending[n - 1] > 2 * (REL * ascending[n - 1] + ABS * sigma[0]):
+        assert removed.max() < (ascending[n - 1] + ascending[n]) / 2, "a direction beyond the n weakest was removed"
     kept = _reference(net)
     np.testing.assert_allclose(kept, sigma[: WIDTH - n], rtol=REL, atol=ABS * sigma[0])
     assert net.hidden_widths == [WIDTH - n]
@@ -107,8 +113,7 @@ def test_zero_singular_values_are_removed_exactly(kind: str, zeros: int, threads
     change = float((after - before).abs().max() / before.abs().max())
     assert change <= 1e-5, f"relative output change {change:.2e}"
     assert report.exact
-    # What the float32 Gram matrix and the final step resolve (module docstring); an SVD of the
-    # float32 weights would find ~1e-7.
+    # What the float32 Gram matrix and the final step resolve (module docstring).
     assert float(report.singular_values.max()) <= ABS * float(spectrum.max())
 
 
@@ -181,3 +186,111 @@ def test_optimizer_keeps_training_after_a_wide_shrink() -> None:
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_reduced_matmul_precision_does_not_reach_the_surgery(precision: str) -> None:
+    # Lightning suggests torch.set_float32_matmul_precision("high") on GPUs (TF32; bfloat16 passes
+    # for "medium"); the operations run at full precision and leave the setting as they found it.
+    spectrum = _spectrum("uniform")
+    spectrum[-2:] = 0.0
+    net = _net(spectrum, seed=2)
+    x = torch.randn(64, INPUTS, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = net(x)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        net.shrink(0, 2)
+        net.grow(0, 3)
+        net.diagonalise(0)
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    with torch.no_grad():
+        after = net(x)
+    assert float((after - before).abs().max() / before.abs().max()) <= 1e-5
+
+
+def test_default_dtype_float64_does_not_change_the_route() -> None:
+    net = _net(_spectrum("separated"))
+    sigma = _reference(net)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        report = net.shrink(0, 2)
+    finally:
+        torch.set_default_dtype(previous)
+    np.testing.assert_allclose(np.sort(report.singular_values.numpy()), np.sort(sigma)[:2], rtol=REL,
+                               atol=ABS * sigma[0])
+
+
+# ---------------------------------------------------------------------------- other spaces on the float32 route
+def _plant_null_rows(net: il.IsotropicNetwork, layer: int, rows: list, seed: int) -> None:
+    """Zero some incoming rows (weight and psi) of a space, then rotate it, group by group, at random."""
+    from iso_lightning import DenseRotation, StateRemapper
+    from iso_lightning.surgery import _transform_space
+
+    space = net.space(layer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer_module in net.layers:
+            layer_module.bias.normal_(generator=g)
+        if space.correction_in is not None:
+            space.correction_in.tensor.normal_(generator=g)  # psi is a part of the incoming matrix
+        for binding in (space.weight_in, space.correction_in):
+            if binding is not None:
+                binding.view(binding.tensor.detach())[:, rows, :] = 0
+    index = space.group_index()
+    m = torch.zeros(space.width, space.width, dtype=torch.float64)
+    for group in range(space.groups()):
+        members = torch.nonzero(index == group).flatten()
+        m[members.unsqueeze(1), members.unsqueeze(0)] = _orthogonal(members.numel(), g)
+    _transform_space(space, DenseRotation(m), StateRemapper(None))
+
+
+def _change(net: il.IsotropicNetwork, x: torch.Tensor, operation) -> float:
+    with torch.no_grad():
+        before = net(x).double()
+    operation()
+    with torch.no_grad():
+        after = net(x).double()
+    return float((after - before).abs().max() / before.abs().max())
+
+
+@pytest.mark.parametrize("group_size", [100, 65])
+def test_grouped_space_with_wide_groups(group_size: int) -> None:
+    net = il.IsotropicMLP([200, 300, 300, 5], psi="trainable", length="trainable", group_size=group_size)
+    _plant_null_rows(net, 1, [3, 150, 299], seed=group_size)  # layer 1: psi is part of its incoming matrix
+    x = torch.randn(32, 200, generator=torch.Generator().manual_seed(0))
+    report = None
+
+    def shrink() -> None:
+        nonlocal report
+        report = net.shrink(1, 3)
+
+    assert _change(net, x, shrink) <= 1e-5
+    assert report is not None and report.exact and net.hidden_widths == [300, 297]
+
+
+def test_convolutional_spaces() -> None:
+    net = il.IsotropicConvNet(3, [96, 80], image_size=6, hidden=[70], num_outputs=4, psi="constant",
+                              length="constant")
+    x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    for layer, rows in ((1, [0, 5]), (0, [7]), (2, [1, 2])):  # conv -> conv, first conv, dense after conv
+        _plant_null_rows(net, layer, rows, seed=layer)
+        assert _change(net, x, functools.partial(net.shrink, layer, len(rows))) <= 1e-5, f"layer {layer}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights(dtype: torch.dtype) -> None:
+    net = il.IsotropicMLP([400, 300, 5], psi="constant", length="constant")  # more inputs: only 2 null rows
+    _plant_null_rows(net, 0, [1, 2], seed=0)
+    with torch.no_grad():
+        net.layers[1].weight.mul_(20.0)  # so that removing a wrong direction shows
+    net = net.to(dtype)
+    x = torch.randn(16, 400, generator=torch.Generator().manual_seed(0)).to(dtype)
+    # The weights' own rounding bounds what a removal keeps: measured 0.7 eps (float16) and 0.9 eps
+    # (bfloat16) here; removing the second-weakest direction instead costs 14 and 6 eps.
+    assert _change(net, x, lambda: net.shrink(0, 2)) <= 4 * torch.finfo(dtype).eps
+    assert net.layers[0].weight.dtype == dtype and net.hidden_widths == [298]
