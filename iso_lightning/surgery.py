@@ -342,10 +342,10 @@ def _bottom_subspace_iterative(g: Tensor, factored: Tuple[Tensor, float], count:
     """Orthonormal ``n x width`` basis whose Ritz pairs include the ``count`` smallest of ``g``, or ``None``.
 
     Inverse subspace iteration (``factored`` from :func:`_factor_gram`) from a fixed random start
-    (every rank computes the same basis), with one shift towards the smallest Ritz value once it is
-    known. Products with ``g`` go through its factor, :math:`G x = L (L^T x) - s x`, so only the
-    lower triangle of ``g`` is read. ``None`` when it does not converge within the iteration budget
-    or converges too slowly.
+    (every rank computes the same basis), shifted once towards the bottom of the spectrum when the
+    block separates the wanted values poorly. Products with ``g`` go through its factor,
+    :math:`G x = L (L^T x) - s x`, so only the lower triangle of ``g`` is read. ``None`` when it does
+    not converge within the iteration budget or converges too slowly.
     """
     factor, shift = factored
     n = g.shape[0]
@@ -380,14 +380,16 @@ def _bottom_subspace_iterative(g: Tensor, factored: Tuple[Tensor, float], count:
             if step > 2 and (ratio > _ITER_SLOW or step + needed > budget):
                 return None
         previous, change = bottom, last
-        if step == 2 and not shifted and float(theta[0]) > floor:
-            # Shift towards the smallest Ritz value: theta_0 >= lambda_0, so a factorisation that
-            # succeeds proves the shift lies below the spectrum.
-            for fraction in (0.99, 0.9):
-                candidate = _cholesky_shifted(g, -fraction * float(theta[0]))
-                if candidate is not None:
-                    factor, shift, shifted = candidate, -fraction * float(theta[0]), True
-                    break
+        if step == 2 and not shifted and float(theta[0]) > floor and float(theta[count - 1]) > 0.5 * float(theta[-1]):
+            # The block barely separates the wanted values from the rest (rate ~ theta_k / theta_p
+            # > 1/2): shift towards the bottom of the spectrum, to theta_0 minus its residual (a
+            # factorisation that succeeds proves the shift lies below the spectrum), or hand over to
+            # the dense decomposition when even that is not below it.
+            target = float(theta[0]) - residual
+            candidate = _cholesky_shifted(g, -target) if target > floor else None
+            if candidate is None:
+                return None
+            factor, shift, shifted = candidate, -target, True
     return None
 
 
