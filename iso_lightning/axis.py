@@ -174,8 +174,9 @@ class HouseholderRotation(AxisTransform):
         # Clamp those entries back to zero, as the exact rule gives (Adam takes their square root).
         if k > 1:
             return view.clamp_min_(0)
-        rows = torch.nonzero(scale < 0).flatten() if scale is not None else scale
-        if rows is not None and rows.numel():
+        assert scale is not None, "the squared-entry factors always carry their diagonal"
+        rows = torch.nonzero(scale < 0).flatten()
+        if rows.numel():
             view.index_copy_(1, rows, view.index_select(1, rows).clamp_min_(0))
         return view
 

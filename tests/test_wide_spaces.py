@@ -29,7 +29,8 @@ import pytest
 import torch
 
 import iso_lightning as il
-from iso_lightning import surgery
+from iso_lightning import DenseRotation, StateRemapper, surgery
+from iso_lightning.surgery import _transform_space
 
 WIDTH, INPUTS = 300, 900  # wider than surgery._SVD_WIDTH_FLOAT32: the float32 Gram route
 REL, ABS = 2e-4, 5e-6  # see the module docstring
@@ -228,9 +229,6 @@ def test_default_dtype_float64_does_not_change_the_route() -> None:
 # ---------------------------------------------------------------------------- other spaces on the float32 route
 def _plant_null_rows(net: il.IsotropicNetwork, layer: int, rows: list, seed: int) -> None:
     """Zero some incoming rows (weight and psi) of a space, then rotate it, group by group, at random."""
-    from iso_lightning import DenseRotation, StateRemapper
-    from iso_lightning.surgery import _transform_space
-
     space = net.space(layer)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
