@@ -37,40 +37,51 @@ class AxisTransform:
     def new_size(self, n: int) -> int:
         raise NotImplementedError
 
-    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
-        """First-moment rule. ``view`` is ``(pre, n, rest)``; ``fill`` shapes ``(pre, k, rest)``."""
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+        """First-moment rule. ``view`` is ``(pre, n, rest)``; ``fill`` shapes ``(pre, k, rest)``.
+
+        The result is a new tensor (``view`` is left as it was) or a view of ``view``'s storage
+        whose values are unchanged (a run of a :class:`Selection`); a rotation with ``inplace``
+        overwrites ``view`` instead, which saves a copy of a very wide tensor.
+        """
         raise NotImplementedError
 
-    def quadratic(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+    def quadratic(self, view: Tensor, fill: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
         """Second-moment rule :math:`(M \\circ M)`: keeps non-negative values non-negative."""
         raise NotImplementedError
+
+    def inverse(self) -> AxisTransform:
+        """The inverse map (rotations only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no inverse.")
 
     @property
     def is_rotation(self) -> bool:
         return False
 
 
-def _slabbed(view: Tensor, fn) -> Tensor:  # type: ignore[no-untyped-def]
-    """Apply ``fn`` (maps an ``(n, m)`` slab to ``(n, m)``) over ``view`` in place, slab by slab."""
+def _slabbed(view: Tensor, fn, inplace: bool) -> Tensor:  # type: ignore[no-untyped-def]
+    """Apply ``fn`` (maps an ``(n, m)`` slab to ``(n, m)``) over ``view``, slab by slab.
+
+    The result is a new tensor, or ``view`` itself, overwritten, when ``inplace``.
+    """
     pre, n, rest = view.shape
-    if view.numel() <= _SLAB_ELEMENTS:
+    if view.numel() <= _SLAB_ELEMENTS and not inplace:
         mat = view.permute(1, 0, 2).reshape(n, pre * rest)
-        out = fn(mat).reshape(n, pre, rest).permute(1, 0, 2)
-        view.copy_(out)
-        return view
+        return fn(mat).reshape(n, pre, rest).permute(1, 0, 2)
+    out = view if inplace else torch.empty_like(view)
     if rest >= pre:
         step = max(1, _SLAB_ELEMENTS // max(1, n * pre))
         for start in range(0, rest, step):
             block = view[:, :, start : start + step]
             mat = block.permute(1, 0, 2).reshape(n, -1)
-            block.copy_(fn(mat).reshape(n, pre, -1).permute(1, 0, 2))
+            out[:, :, start : start + step].copy_(fn(mat).reshape(n, pre, -1).permute(1, 0, 2))
     else:
         step = max(1, _SLAB_ELEMENTS // max(1, n * rest))
         for start in range(0, pre, step):
             block = view[start : start + step]
             mat = block.permute(1, 0, 2).reshape(n, -1)
-            block.copy_(fn(mat).reshape(n, -1, rest).permute(1, 0, 2))
-    return view
+            out[start : start + step].copy_(fn(mat).reshape(n, -1, rest).permute(1, 0, 2))
+    return out
 
 
 class DenseRotation(AxisTransform):
@@ -88,13 +99,16 @@ class DenseRotation(AxisTransform):
     def new_size(self, n: int) -> int:
         return n
 
-    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
-        mt = self.matrix.to(view.dtype).T.contiguous()
-        return _slabbed(view, lambda x: mt @ x)
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+        mt = self.matrix.to(device=view.device, dtype=view.dtype).T.contiguous()
+        return _slabbed(view, lambda x: mt @ x, inplace)
 
-    def quadratic(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
-        m2t = (self.matrix * self.matrix).to(view.dtype).T.contiguous()
-        return _slabbed(view, lambda x: m2t @ x)
+    def quadratic(self, view: Tensor, fill: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+        m2t = (self.matrix * self.matrix).to(device=view.device, dtype=view.dtype).T.contiguous()
+        return _slabbed(view, lambda x: m2t @ x, inplace)
+
+    def inverse(self) -> DenseRotation:
+        return DenseRotation(self.matrix.T)
 
 
 class HouseholderRotation(AxisTransform):
@@ -159,26 +173,33 @@ class HouseholderRotation(AxisTransform):
                                      for f in factors)
         return self._cache[key]
 
-    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
-        return _low_rank_update(view, *self._factors(view.dtype, view.device, quadratic=False))
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+        return _low_rank_update(view, *self._factors(view.dtype, view.device, quadratic=False), inplace=inplace)
 
-    def quadratic(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+    def quadratic(self, view: Tensor, fill: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
         n, k = self.v.shape
         if k * k > n:
-            m2t = (self.dense() ** 2).T.to(view.dtype).contiguous()
-            return _slabbed(view, lambda x: m2t @ x)
+            m2t = (self.dense() ** 2).T.to(device=view.device, dtype=view.dtype).contiguous()
+            return _slabbed(view, lambda x: m2t @ x, inplace)
         scale, left, right_t = self._factors(view.dtype, view.device, quadratic=True)
-        _low_rank_update(view, scale, left, right_t)
+        out = _low_rank_update(view, scale, left, right_t, inplace=inplace)
         # (M∘M) has no negative entry, but its low-rank form cancels: with one reflector only in the
         # rows where 1 - 2 diag(Y) < 0 (every other term is non-negative), with several anywhere.
         # Clamp those entries back to zero, as the exact rule gives (Adam takes their square root).
         if k > 1:
-            return view.clamp_min_(0)
+            return out.clamp_min_(0)
         assert scale is not None, "the squared-entry factors always carry their diagonal"
         rows = torch.nonzero(scale < 0).flatten()
         if rows.numel():
-            view.index_copy_(1, rows, view.index_select(1, rows).clamp_min_(0))
-        return view
+            out.index_copy_(1, rows, out.index_select(1, rows).clamp_min_(0))
+        return out
+
+    def inverse(self) -> HouseholderRotation:
+        # M^T = I - V T^T V^T: the same reflectors with the triangular factor transposed.
+        rotation = HouseholderRotation.__new__(HouseholderRotation)
+        rotation.v, rotation.t = self.v, self.t.T.contiguous()
+        rotation._cache = {}
+        return rotation
 
 
 def _normal_or_zero(factor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -196,42 +217,56 @@ def _normal_or_zero(factor: Tensor, dtype: torch.dtype, device: torch.device) ->
     return out
 
 
-def _low_rank_update(view: Tensor, scale: Optional[Tensor], left: Tensor, right_t: Tensor) -> Tensor:
-    r"""In place over the space axis of a ``(pre, n, rest)`` view: :math:`X \leftarrow \mathrm{diag}(s)\, X
-    + L\,(R^T X)`, ``L`` and ``R`` of ``k`` columns (``s = 1`` when ``scale`` is ``None``).
+def _low_rank_update(view: Tensor, scale: Optional[Tensor], left: Tensor, right_t: Tensor,
+                     inplace: bool = False) -> Tensor:
+    r""":math:`X' = \mathrm{diag}(s)\, X + L\,(R^T X)` over the space axis of a ``(pre, n, rest)``
+    view, ``L`` and ``R`` of ``k`` columns (``s = 1`` when ``scale`` is ``None``).
 
-    Each block is read for the small product and updated where it lies: no copy of the tensor, and
-    only a ``k``-row temporary per slab. A weight's rows (``pre == 1``) and a next weight's columns
-    (``rest == 1``) are updated in their own layout.
+    Written into a new tensor, or into ``view`` itself when ``inplace`` (no copy of the tensor, and
+    only a ``k``-row temporary per slab). A weight's rows (``pre == 1``) and a next weight's columns
+    (``rest == 1``) are read and written in their own layout.
     """
     pre, n, rest = view.shape
+    out = view if inplace else torch.empty_like(view, memory_format=torch.contiguous_format)
     if pre == 1:
-        mat = view[0]
+        mat, dst = view[0], out[0]
         step = max(1, _SLAB_ELEMENTS // max(1, n))
         for start in range(0, rest, step):
-            block = mat[:, start : start + step]
+            block, target = mat[:, start : start + step], dst[:, start : start + step]
             small = right_t @ block
             if scale is not None:
-                block.mul_(scale[:, None])
-            block.addmm_(left, small)
+                torch.mul(block, scale[:, None], out=target)
+                target.addmm_(left, small)
+            elif inplace:
+                target.addmm_(left, small)
+            else:
+                torch.addmm(block, left, small, out=target)
     elif rest == 1:
-        mat = view[:, :, 0]
+        mat, dst = view[:, :, 0], out[:, :, 0]
         step = max(1, _SLAB_ELEMENTS // max(1, n))
         for start in range(0, pre, step):
-            block = mat[start : start + step]
+            block, target = mat[start : start + step], dst[start : start + step]
             small = block @ right_t.T
             if scale is not None:
-                block.mul_(scale[None, :])
-            block.addmm_(small, left.T)
+                torch.mul(block, scale[None, :], out=target)
+                target.addmm_(small, left.T)
+            elif inplace:
+                target.addmm_(small, left.T)
+            else:
+                torch.addmm(block, small, left.T, out=target)
     else:
         step = max(1, _SLAB_ELEMENTS // max(1, n * rest))
         for start in range(0, pre, step):
-            block = view[start : start + step]
+            block, target = view[start : start + step], out[start : start + step]
             small = torch.matmul(right_t, block)
             if scale is not None:
-                block.mul_(scale[:, None])
-            block.add_(torch.matmul(left, small))
-    return view
+                torch.mul(block, scale[:, None], out=target)
+                target.add_(torch.matmul(left, small))
+            elif inplace:
+                target.add_(torch.matmul(left, small))
+            else:
+                torch.add(block, torch.matmul(left, small), out=target)
+    return out
 
 
 class Selection(AxisTransform):
@@ -247,7 +282,7 @@ class Selection(AxisTransform):
     def new_size(self, n: int) -> int:
         return int(self.index.numel())
 
-    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
         if self.run is not None:
             return view.narrow(1, *self.run)
         return view.index_select(1, self.index.to(view.device))
@@ -264,10 +299,10 @@ class Extension(AxisTransform):
     def new_size(self, n: int) -> int:
         return n + self.count
 
-    def linear(self, view: Tensor, fill: Optional[Tensor] = None) -> Tensor:
+    def linear(self, view: Tensor, fill: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
         pre, _, rest = view.shape
         if fill is None:
             fill = view.new_zeros(pre, self.count, rest)
-        return torch.cat([view, fill.to(view.dtype)], dim=1)
+        return torch.cat([view, fill.to(device=view.device, dtype=view.dtype)], dim=1)
 
     quadratic = linear

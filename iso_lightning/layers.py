@@ -15,18 +15,28 @@ and convolutional layers alike: its contribution ``W_* b_* s`` *is* a correction
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iso_lightning import operations
 from iso_lightning._validation import check_choice as _check_choice
+from iso_lightning._validation import check_int
 from iso_lightning.activations import IsotropicActivation
+from iso_lightning.axis import Extension, Selection
 from iso_lightning.functional import PROFILES, scaled_squared_norm
-from iso_lightning.spaces import Binding, NeuronSpace
+from iso_lightning.linalg import full_precision
+from iso_lightning.operations import SparsifyReport, SurgeryReport, check_count, check_generator, check_scale
+from iso_lightning.optim import OptimizerArg
+from iso_lightning.spaces import Binding, NeuronSpace, Role, dense_space
+from iso_lightning.topology import check_record, reshape
+from iso_lightning.transaction import atomic
 
-__all__ = ["INITS", "PSI_MODES", "IsoConv2d", "IsoLinear", "IsotropicConvNet", "IsotropicMLP", "IsotropicNetwork"]
+__all__ = ["INITS", "PSI_MODES", "IsoConv2d", "IsoLinear", "IsotropicConvNet", "IsotropicMLP", "IsotropicNetwork",
+           "init_weight"]
 
 #: Modes of the linear correction psi.
 PSI_MODES = ("none", "constant", "trainable", "decay")
@@ -68,9 +78,12 @@ class IsoLinear(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, h: Tensor, s: Optional[Tensor] = None) -> Tensor:
+        """``h`` of shape ``(..., in_features)``; ``s`` the previous scales, ``(..., groups)`` (or a
+        convolution's ``(N, groups, H, W)``, flattened like its feature maps)."""
         z = F.linear(h, self.weight, self.bias)
         if self.correction is not None and s is not None:
-            s = s.flatten(1)
+            if s.dim() > h.dim():
+                s = s.flatten(1)
             z = torch.addmm(z, s, self.correction.t()) if z.dim() == 2 else z + F.linear(s, self.correction)
         return z
 
@@ -115,7 +128,7 @@ class IsoConv2d(nn.Module):
                 f"padding={self.padding}, psi={self.correction is not None}")
 
 
-def _init_weight(weight: Tensor, init: str, generator: Optional[torch.Generator] = None) -> None:
+def init_weight(weight: Tensor, init: str, generator: Optional[torch.Generator] = None) -> None:
     with torch.no_grad():
         flat = weight.view(weight.shape[0], -1)
         if init == "orthogonal":
@@ -131,15 +144,19 @@ def _init_weight(weight: Tensor, init: str, generator: Optional[torch.Generator]
 
 
 class IsotropicNetwork(nn.Module):
-    """A stack of affine layers with isotropic activations on every hidden space.
+    """A stack of affine layers with isotropic activations on every hidden space: a space provider.
 
     Use :class:`IsotropicMLP` or :class:`IsotropicConvNet` to build one. Hidden spaces are numbered
-    ``0 .. num_hidden - 1``; space ``l`` sits between ``layers[l]`` and ``layers[l + 1]``.
+    ``0 .. num_hidden - 1``; space ``l`` sits between ``layers[l]`` and ``layers[l + 1]`` and is named
+    ``"hidden.<l>"`` (:meth:`neuron_spaces` also lists ``"input"`` and ``"output"``). Dense layers act
+    on the last axis of their input, as ``nn.Linear`` does; a convolutional network flattens its
+    feature maps once, before its first dense layer.
 
     Neuron operations (:meth:`grow`, :meth:`shrink`, :meth:`resize`, :meth:`diagonalise`,
-    :meth:`sparsify`, the input/output operations) keep every ``Parameter`` object alive and update
-    it in place, so optimizers, hooks and user references stay valid; pass ``optimizer=`` to have
-    its state remapped too.
+    :meth:`sparsify`, the input/output operations) are those of :mod:`iso_lightning.operations`,
+    addressed by layer. They keep every ``Parameter`` object alive and update it through
+    ``Tensor.set_``, so optimizers, hooks and user references stay valid; pass ``optimizer=`` to have
+    its state remapped too. Each one is all or nothing.
     """
 
     def __init__(self, layers: Sequence[nn.Module], activations: Sequence[IsotropicActivation],
@@ -148,24 +165,24 @@ class IsotropicNetwork(nn.Module):
         if len(layers) != len(activations) + 1:
             raise ValueError("Expected one more layer than activations.")
         _check_choice("psi", psi, PSI_MODES)
-        if not (isinstance(psi_decay, (int, float)) and psi_decay >= 0):
-            raise ValueError(f"Expected argument `psi_decay` to be a number >= 0, but got {psi_decay!r}.")
-        if not (isinstance(growth_scale, (int, float)) and growth_scale >= 0):
-            raise ValueError(f"Expected argument `growth_scale` to be a number >= 0, but got {growth_scale!r}.")
         self.layers = nn.ModuleList(layers)
         self.activations = nn.ModuleList(activations)
         self.psi_mode = psi
-        self.psi_decay = float(psi_decay)
-        self.growth_scale = float(growth_scale)
+        self.psi_decay = check_scale("psi_decay", psi_decay)
+        self.growth_scale = check_scale("growth_scale", growth_scale)
 
     # ------------------------------------------------------------------ forward
+    def _affine_input(self, index: int, h: Tensor) -> Tensor:
+        # The one flatten: feature maps of a convolution into the first dense layer after it.
+        if index > 0 and isinstance(self.layers[index], IsoLinear) and isinstance(self.layers[index - 1], IsoConv2d):
+            return h.flatten(1)
+        return h
+
     def forward(self, x: Tensor) -> Tensor:
         h, s = x, None
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            if isinstance(layer, IsoLinear) and h.dim() > 2:
-                h = h.flatten(1)
-            z = layer(h, s)
+            z = layer(self._affine_input(index, h), s)
             if index == last:
                 return z
             h, s = self.activation(index).forward_with_scale(z)
@@ -176,10 +193,7 @@ class IsotropicNetwork(nn.Module):
         layer = self._check_layer(layer)
         h, s = x, None
         for index in range(layer + 1):
-            affine = self.affine(index)
-            if isinstance(affine, IsoLinear) and h.dim() > 2:
-                h = h.flatten(1)
-            h, s = self.activation(index).forward_with_scale(affine(h, s))
+            h, s = self.activation(index).forward_with_scale(self.affine(index)(self._affine_input(index, h), s))
         return h
 
     def regularisation(self) -> Tensor:
@@ -210,7 +224,7 @@ class IsotropicNetwork(nn.Module):
     @property
     def hidden_widths(self) -> List[int]:
         """Current width of every hidden space."""
-        return [self.space(i).width for i in range(self.num_hidden)]
+        return [int(self.affine(i).weight.shape[0]) for i in range(self.num_hidden)]
 
     @property
     def in_features(self) -> int:
@@ -225,28 +239,39 @@ class IsotropicNetwork(nn.Module):
         return int(self.affine(index + 1).weight.shape[1] // self.affine(index).weight.shape[0])
 
     def space(self, layer: int) -> NeuronSpace:
-        """The :class:`NeuronSpace` of hidden space ``layer``."""
+        """The :class:`~iso_lightning.spaces.NeuronSpace` of hidden space ``layer`` (``"hidden.<layer>"``)."""
         layer = self._check_layer(layer)
-        this, nxt = self.layers[layer], self.layers[layer + 1]
-        producers = [Binding(this, "weight", 0), Binding(this, "bias", 0)]
-        if this.correction is not None:
-            producers.append(Binding(this, "correction", 0))
-        inner = self._inner(layer)
-        consumers = [Binding(nxt, "weight", 1, inner)]
-        correction_out = Binding(nxt, "correction", 1, inner) if nxt.correction is not None else None
-        return NeuronSpace(f"hidden.{layer}", "hidden", producers, consumers, self.activation(layer), correction_out)
+        channel_axis = 1 if isinstance(self.layers[layer], IsoConv2d) else -1
+
+        def hidden(x: Tensor) -> Tensor:
+            h = self.hidden_output(x, layer)
+            return h.movedim(channel_axis, -1).reshape(-1, h.shape[channel_axis])
+
+        return dense_space(f"hidden.{layer}", self.layers[layer], self.activation(layer), self.layers[layer + 1],
+                           producer_path=f"layers.{layer}", consumer_path=f"layers.{layer + 1}",
+                           activation_path=f"activations.{layer}", inner=self._inner(layer), owner=self,
+                           hidden=hidden)
 
     def input_space(self) -> NeuronSpace:
-        return NeuronSpace("input", "input", [], [Binding(self.layers[0], "weight", 1)])
+        """The input features: columns of the first weight."""
+        return dense_space("input", None, None, self.layers[0], consumer_path="layers.0", kind="input",  # type: ignore[arg-type]
+                           owner=self)
 
     def output_space(self) -> NeuronSpace:
-        last = self.layers[-1]
-        producers = [Binding(last, "weight", 0), Binding(last, "bias", 0)]
-        if last.correction is not None:
-            producers.append(Binding(last, "correction", 0))
-        return NeuronSpace("output", "output", producers, [])
+        """The outputs: rows of the last weight, its bias and correction."""
+        last = len(self.layers) - 1
+        return dense_space("output", self.layers[last], None, None, producer_path=f"layers.{last}", kind="output",
+                           owner=self)
+
+    def neuron_spaces(self) -> Dict[str, NeuronSpace]:
+        """Every space of the network: ``"hidden.0" .. "hidden.<L-1>"``, ``"input"`` and ``"output"``."""
+        spaces = {f"hidden.{i}": self.space(i) for i in range(self.num_hidden)}
+        spaces["input"] = self.input_space()
+        spaces["output"] = self.output_space()
+        return spaces
 
     def spaces(self) -> Dict[str, NeuronSpace]:
+        """The hidden spaces by name."""
         return {f"hidden.{i}": self.space(i) for i in range(self.num_hidden)}
 
     def _check_layer(self, layer: Any) -> int:
@@ -258,7 +283,7 @@ class IsotropicNetwork(nn.Module):
         return layer
 
     def topology(self) -> Dict[str, Any]:
-        """Plain-data description of the current shapes (stored in checkpoints)."""
+        """Plain-data description of the current shapes (the network's part of a topology record)."""
         return {
             "in_features": self.in_features,
             "out_features": self.out_features,
@@ -270,104 +295,202 @@ class IsotropicNetwork(nn.Module):
     def reshape_to(self, topology: Mapping[str, Any]) -> None:
         """Give every tensor the shape described by ``topology`` (from :meth:`topology`), without values.
 
-        Used before loading a checkpoint taken after neuron operations: the tensors keep their
-        identity and get uninitialised storage of the recorded shapes, which the state dict then
-        fills. Raises ``ValueError`` for a record that does not fit this architecture.
+        Used before loading a state dict taken after neuron operations: the tensors keep their
+        identity and get zero storage of the recorded shapes, which the state dict then fills.
+        Raises ``ValueError`` for a record that does not fit this architecture; nothing changes then.
         """
-        from iso_lightning import surgery
+        spaces = self.neuron_spaces()
+        record = topology if isinstance(topology, Mapping) and "version" in topology else {"": topology}
+        reshape(spaces, check_record(spaces, record))
 
-        surgery.reshape_to(self, topology)
-
-    # ------------------------------------------------------------------ surgery (see surgery.py)
+    # ------------------------------------------------------------------ operations (iso_lightning.operations)
     def singular_values(self, layer: int) -> Tensor:
         """Singular values of hidden space ``layer`` (of ``[W_l | psi_{l-1}]``), descending, float64."""
-        from iso_lightning import surgery
+        return operations.singular_values(self.space(layer))
 
-        return surgery.singular_values(self.space(layer))
-
-    def diagonalise(self, layer: int, mode: str = "left", *, optimizer: Any = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+    def diagonalise(self, layer: int, mode: str = "left", *, optimizer: OptimizerArg = None,
+                    on_unknown: str = "raise") -> SurgeryReport:
         """Rewrite hidden space ``layer`` in its singular basis (``"left"``) or make ``W_l`` diagonal (``"full"``)."""
-        from iso_lightning import surgery
+        if mode == "full":
+            layer = self._check_layer(layer)
+            if layer == 0:
+                raise ValueError(
+                    "Expected argument `layer` >= 1 for mode='full': layer 0 reads the network input, which has no "
+                    "rotational freedom."
+                )
+            return operations.diagonalise(self.space(layer), "full", previous=self.space(layer - 1),
+                                          optimizer=optimizer, on_unknown=on_unknown)
+        return operations.diagonalise(self.space(layer), mode, optimizer=optimizer, on_unknown=on_unknown)
 
-        return surgery.diagonalise(self, layer, mode, optimizer=optimizer, on_unknown=on_unknown)
-
-    def grow(self, layer: int, n: int = 1, *, optimizer: Any = None, scale: Optional[float] = None,
+    def grow(self, layer: int, n: int = 1, *, optimizer: OptimizerArg = None, scale: Optional[float] = None,
              group: Union[None, int, str] = None, generator: Optional[torch.Generator] = None,
-             on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+             on_unknown: str = "raise") -> SurgeryReport:
         """Add ``n`` neurons to hidden space ``layer``; the function is exactly unchanged."""
-        from iso_lightning import surgery
+        return operations.grow(self.space(layer), n, optimizer=optimizer,
+                               scale=self.growth_scale if scale is None else scale, group=group,
+                               generator=generator, on_unknown=on_unknown)
 
-        return surgery.grow(self.space(layer), n, optimizer=optimizer,
-                            scale=self.growth_scale if scale is None else scale, group=group,
-                            generator=generator, on_unknown=on_unknown)
-
-    def shrink(self, layer: int, n: int = 1, *, optimizer: Any = None, probe: Optional[Tensor] = None,
-               expectation: Optional[Tensor] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+    def shrink(self, layer: int, n: int = 1, *, optimizer: OptimizerArg = None, probe: Optional[Tensor] = None,
+               expectation: Optional[Tensor] = None, on_unknown: str = "raise") -> SurgeryReport:
         """Remove the ``n`` weakest directions of hidden space ``layer`` (found at once, for any ``n``).
 
         ``expectation``: inputs over which the removed neurons' mean output is folded into the next
-        bias instead of into psi (see :func:`iso_lightning.surgery.shrink`).
+        bias instead of into psi (see :func:`iso_lightning.operations.shrink`).
         """
-        from iso_lightning import surgery
+        return operations.shrink(self.space(layer), n, optimizer=optimizer, probe=probe, expectation=expectation,
+                                 on_unknown=on_unknown)
 
-        return surgery.shrink(self, layer, n, optimizer=optimizer, probe=probe, expectation=expectation,
-                              on_unknown=on_unknown)
+    def remove_group(self, layer: int, group: Optional[int] = None, *, optimizer: OptimizerArg = None,
+                     probe: Optional[Tensor] = None, on_unknown: str = "raise") -> SurgeryReport:
+        """Remove a whole neuron group of hidden space ``layer`` (see :func:`iso_lightning.operations.remove_group`)."""
+        space = self.space(layer)
+        if space.groups() < 2:
+            raise ValueError(
+                f"Expected argument `layer` to name a space with at least two groups (a space keeps one), but "
+                f"`{space.name}` (layer {layer}) has {space.groups()}."
+            )
+        return operations.remove_group(self.space(layer), group, optimizer=optimizer, probe=probe,
+                                       on_unknown=on_unknown)
 
-    def remove_group(self, layer: int, group: Optional[int] = None, *, optimizer: Any = None,
-                     probe: Optional[Tensor] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
-        """Remove a whole neuron group of hidden space ``layer`` (see :func:`iso_lightning.surgery.remove_group`)."""
-        from iso_lightning import surgery
+    def resize(self, layer: int, width: int, *, optimizer: OptimizerArg = None,
+               generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> Optional[SurgeryReport]:
+        """Grow or shrink hidden space ``layer`` to ``width`` neurons (``None`` when it has that width)."""
+        return operations.resize(self.space(layer), width, optimizer=optimizer, generator=generator,
+                                 on_unknown=on_unknown, scale=self.growth_scale)
 
-        return surgery.remove_group(self, layer, group, optimizer=optimizer, probe=probe, on_unknown=on_unknown)
+    def set_widths(self, widths: Union[Mapping[int, int], Sequence[int]], *, optimizer: OptimizerArg = None,
+                   generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> List[SurgeryReport]:
+        """Resize several hidden spaces, last hidden layer first, all or nothing.
 
-    def resize(self, layer: int, width: int, *, optimizer: Any = None, generator: Optional[torch.Generator] = None,
-               on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
-        """Grow or shrink hidden space ``layer`` to ``width`` neurons."""
-        from iso_lightning import surgery
+        ``widths`` is a list with one width per hidden space, or a mapping ``{layer: width}``.
+        """
+        if isinstance(widths, Mapping):
+            plan = dict(widths)
+        elif isinstance(widths, (list, tuple)):
+            if len(widths) != self.num_hidden:
+                raise ValueError(
+                    f"Expected argument `widths` to have {self.num_hidden} entries (one per hidden layer), "
+                    f"but got {len(widths)}."
+                )
+            plan = dict(enumerate(widths))
+        else:
+            raise ValueError(f"Expected argument `widths` to be a list or a mapping, but got {type(widths).__name__}.")
+        named = {f"hidden.{self._check_layer(layer)}": width for layer, width in plan.items()}
+        return operations.set_widths(self.spaces(), named, optimizer=optimizer, generator=generator,
+                                     on_unknown=on_unknown, scale=self.growth_scale)
 
-        return surgery.resize(self, layer, width, optimizer=optimizer, generator=generator, on_unknown=on_unknown)
+    # ------------------------------------------------------------------ input and output neurons
+    @full_precision
+    def _add_boundary(self, space: NeuronSpace, n: int, scale: float, optimizer: OptimizerArg,
+                      generator: Optional[torch.Generator], on_unknown: str) -> SurgeryReport:
+        n = check_count("n", n)
+        scale = check_scale("scale", scale)
+        check_generator(generator)
+        old = space.width
 
-    def set_widths(self, widths: Union[Mapping[int, int], Sequence[int]], *, optimizer: Any = None,
-                   generator: Optional[torch.Generator] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
-        """Resize several hidden spaces, last hidden layer first (see :func:`iso_lightning.surgery.set_widths`)."""
-        from iso_lightning import surgery
+        def fills(binding: Binding) -> Tensor:
+            view = binding.view(binding.tensor)
+            weight = binding.role in (Role.WEIGHT_IN, Role.WEIGHT_OUT)
+            return _random_like(view, n, scale if weight else 0.0, generator)
 
-        return surgery.set_widths(self, widths, optimizer=optimizer, generator=generator, on_unknown=on_unknown)
+        operations.transform_space(space, Extension(n), optimizer=optimizer, on_unknown=on_unknown, fills=fills)
+        return SurgeryReport(f"add_{space.kind}s", space.name, old, old + n,
+                             exact=space.kind == "output" or scale == 0, details={"scale": scale})
 
-    def add_inputs(self, n: int = 1, *, optimizer: Any = None, scale: float = 0.0,
-                   generator: Optional[torch.Generator] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+    @full_precision
+    def _remove_boundary(self, space: NeuronSpace, indices: Any, optimizer: OptimizerArg,
+                         on_unknown: str) -> SurgeryReport:
+        width, which = space.width, space.kind
+        values = list(indices) if isinstance(indices, (list, tuple, range, torch.Tensor)) else None
+        if values is None or not all(isinstance(i, int) and not isinstance(i, bool) or
+                                     (isinstance(i, torch.Tensor) and i.dtype == torch.long and i.dim() == 0)
+                                     for i in values):
+            raise ValueError(f"Expected argument `indices` to be a sequence of ints, but got {indices!r}.")
+        chosen = sorted({int(i) for i in values})
+        if not chosen or chosen[0] < 0 or chosen[-1] >= width or len(chosen) >= width:
+            raise ValueError(
+                f"Expected argument `indices` to name between 1 and {width - 1} distinct {which}s in [0, {width - 1}], "
+                f"but got {list(indices)!r}."
+            )
+        removed_norm = 0.0
+        if which == "input":
+            b = space.weight_out
+            assert b is not None
+            removed_norm = float(b.view(b.tensor.detach())[:, chosen].double().norm())
+        keep = torch.tensor([i for i in range(width) if i not in set(chosen)], dtype=torch.long)
+        operations.transform_space(space, Selection(keep), optimizer=optimizer, on_unknown=on_unknown)
+        return SurgeryReport(f"remove_{which}s", space.name, width, width - len(chosen), error_estimate=removed_norm,
+                             exact=removed_norm == 0.0, details={"indices": chosen})
+
+    def add_inputs(self, n: int = 1, *, optimizer: OptimizerArg = None, scale: float = 0.0,
+                   generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> SurgeryReport:
         """Append ``n`` input features (zero weights by default: the function is unchanged)."""
-        from iso_lightning import surgery
+        return self._add_boundary(self.input_space(), n, scale, optimizer, generator, on_unknown)
 
-        return surgery.add_boundary(self, "input", n, optimizer=optimizer, scale=scale, generator=generator,
-                                    on_unknown=on_unknown)
-
-    def remove_inputs(self, indices: Sequence[int], *, optimizer: Any = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+    def remove_inputs(self, indices: Sequence[int], *, optimizer: OptimizerArg = None,
+                      on_unknown: str = "raise") -> SurgeryReport:
         """Delete input features ``indices``; the report carries the norm of the weights removed."""
-        from iso_lightning import surgery
+        return self._remove_boundary(self.input_space(), indices, optimizer, on_unknown)
 
-        return surgery.remove_boundary(self, "input", indices, optimizer=optimizer, on_unknown=on_unknown)
-
-    def add_outputs(self, n: int = 1, *, optimizer: Any = None, scale: Optional[float] = None,
-                    generator: Optional[torch.Generator] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+    def add_outputs(self, n: int = 1, *, optimizer: OptimizerArg = None, scale: Optional[float] = None,
+                    generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> SurgeryReport:
         """Append ``n`` outputs (small random weights, zero bias); existing outputs are unchanged."""
-        from iso_lightning import surgery
+        return self._add_boundary(self.output_space(), n, self.growth_scale if scale is None else scale, optimizer,
+                                  generator, on_unknown)
 
-        return surgery.add_boundary(self, "output", n, optimizer=optimizer,
-                                    scale=self.growth_scale if scale is None else scale,
-                                    generator=generator, on_unknown=on_unknown)
-
-    def remove_outputs(self, indices: Sequence[int], *, optimizer: Any = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
+    def remove_outputs(self, indices: Sequence[int], *, optimizer: OptimizerArg = None,
+                       on_unknown: str = "raise") -> SurgeryReport:
         """Delete outputs ``indices``; the remaining outputs are unchanged."""
-        from iso_lightning import surgery
+        return self._remove_boundary(self.output_space(), indices, optimizer, on_unknown)
 
-        return surgery.remove_boundary(self, "output", indices, optimizer=optimizer, on_unknown=on_unknown)
+    # ------------------------------------------------------------------ sparsify
+    @full_precision
+    def sparsify(self, *, optimizer: OptimizerArg = None, probe: Optional[Tensor] = None,
+                 on_unknown: str = "raise") -> SparsifyReport:
+        r"""Alternating full diagonalisation: make hidden-to-hidden weights ``W_1, W_3, ...`` diagonal.
 
-    def sparsify(self, *, optimizer: Any = None, probe: Optional[Tensor] = None, on_unknown: str = "raise"):  # type: ignore[no-untyped-def]
-        """Fully diagonalise alternate hidden-to-hidden layers (see :func:`iso_lightning.surgery.sparsify`)."""
-        from iso_lightning import surgery
+        Diagonalising ``W_l`` rotates spaces ``l - 1`` and ``l``, which undoes any diagonal form of
+        ``W_{l-1}`` and ``W_{l+1}``, so every other layer is diagonalised; in a deep dense network
+        about half of the weights become structurally zero. ``probe`` inputs (default: 256 standard
+        normal samples) measure the function error. All or nothing.
+        """
+        layers = list(range(1, self.num_hidden, 2))
+        pairs = [(self.space(layer - 1), self.space(layer)) for layer in layers]
+        for previous, space in pairs:
+            operations.full_weight(space, previous)
+            operations.check_space(previous)
+            operations.check_space(space)
+        if pairs:
+            operations.remapper_for(optimizer, on_unknown, *(sp for pair in pairs for sp in pair))
+        first = self.affine(0).weight
+        if probe is None:
+            if first.dim() != 2:
+                raise ValueError("Expected argument `probe` for a convolutional network (its input shape is not "
+                                 "known).")
+            g = torch.Generator().manual_seed(0)
+            probe = torch.randn(256, self.in_features, generator=g).to(first.dtype)
+        with torch.no_grad():
+            before = self(probe).detach().clone()
+        start = time.perf_counter()
+        with atomic():
+            for layer in layers:
+                operations.diagonalise(self.space(layer), "full", previous=self.space(layer - 1), optimizer=optimizer,
+                                       on_unknown=on_unknown)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            after = self(probe)
+        zero = sum(int((self.affine(layer).weight == 0).sum()) for layer in layers)
+        total = sum(self.affine(i).weight.numel() for i in range(len(self.layers)))
+        err = float((after - before).abs().max())
+        rel = err / max(float(before.abs().max()), 1e-30)
+        return SparsifyReport(layers, zero, total, err, rel, seconds)
 
-        return surgery.sparsify(self, optimizer=optimizer, probe=probe, on_unknown=on_unknown)
+
+def _random_like(view: Tensor, n: int, scale: float, generator: Optional[torch.Generator]) -> Tensor:
+    shape = (view.shape[0], n, view.shape[2])
+    if scale == 0:
+        return view.new_zeros(shape)
+    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(view)
 
 
 def _activation_kwargs(activation: str, length: str, length_init: Optional[float], max_length: float) -> Dict[str, Any]:
@@ -433,7 +556,7 @@ class IsotropicMLP(IsotropicNetwork):
         for i in range(len(sizes) - 1):
             groups = acts[i - 1].groups if i > 0 else None
             layers.append(IsoLinear(sizes[i], sizes[i + 1], groups, psi))
-            _init_weight(cast(Tensor, layers[-1].weight), init, generator)
+            init_weight(cast(Tensor, layers[-1].weight), init, generator)
         super().__init__(layers, acts, psi=psi, psi_decay=psi_decay, growth_scale=growth_scale)
 
 
@@ -484,15 +607,23 @@ class IsotropicConvNet(IsotropicNetwork):
 
         kernels = per_layer("kernel_size", kernel_size)
         strides = per_layer("stride", stride)
-        paddings = [k // 2 if p is None else p for k, p in zip(kernels, per_layer("padding", padding))]
-        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        paddings = per_layer("padding", padding)
+        for name, values, minimum in (("kernel_size", kernels, 1), ("stride", strides, 1), ("padding", paddings, 0)):
+            for value in values:
+                check_int(name, value, minimum, optional=name == "padding")
+        paddings = [k // 2 if p is None else p for k, p in zip(kernels, paddings)]
+        size = [image_size, image_size] if isinstance(image_size, int) and not isinstance(image_size, bool) \
+            else image_size
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise ValueError(f"Expected argument `image_size` to be an int or (height, width), but got {image_size!r}.")
+        h, w = _check_sizes("image_size", list(size), 2)
         kwargs = _activation_kwargs(activation, length, length_init, max_length)
         acts: List[IsotropicActivation] = []
         layers: List[nn.Module] = []
         previous = in_channels
         for i, (c, k, s, p) in enumerate(zip(channels, kernels, strides, paddings)):
             layers.append(IsoConv2d(previous, c, k, s, p, acts[-1].groups if acts else None, psi))
-            _init_weight(cast(Tensor, layers[-1].weight), init, generator)
+            init_weight(cast(Tensor, layers[-1].weight), init, generator)
             acts.append(IsotropicActivation(c, dim=1, group_size=group_size, **kwargs))
             h, w = _conv_out(h, k, s, p), _conv_out(w, k, s, p)
             if h < 1 or w < 1:
@@ -501,7 +632,7 @@ class IsotropicConvNet(IsotropicNetwork):
         features, spatial = previous * h * w, h * w
         for width in list(hidden) + [num_outputs]:
             layers.append(IsoLinear(features, width, acts[-1].groups * spatial, psi))
-            _init_weight(cast(Tensor, layers[-1].weight), init, generator)
+            init_weight(cast(Tensor, layers[-1].weight), init, generator)
             if len(acts) < n + len(hidden):
                 acts.append(IsotropicActivation(width, dim=-1, group_size=group_size, **kwargs))
             features, spatial = width, 1

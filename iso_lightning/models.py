@@ -73,5 +73,10 @@ class IsotropicClassifier(IsotropicModuleMixin, pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, self.test_acc, "test")
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities; ``batch`` is inputs, or ``(inputs, labels)`` as the datamodules give."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return torch.softmax(self(x), dim=-1)
+
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])

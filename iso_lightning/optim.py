@@ -25,6 +25,7 @@ optimizers are added with :func:`register_optimizer_rule`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
@@ -33,6 +34,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from iso_lightning.axis import AxisTransform
+from iso_lightning.errors import NonFiniteError
+from iso_lightning.transaction import Transaction, atomic
 
 __all__ = [
     "OptimizerRule",
@@ -67,6 +70,20 @@ class OptimizerRule:
     rms: Tuple[str, ...] = ()
     fill: Mapping[str, Callable[[Mapping[str, object]], float]] = field(default_factory=dict)
     fixup: Optional[Callable[[Dict[str, object], Mapping[str, object]], None]] = None
+
+    def __post_init__(self) -> None:
+        for name in ("linear", "quadratic", "rms"):
+            keys = getattr(self, name)
+            if not isinstance(keys, tuple) or not all(isinstance(k, str) and k for k in keys):
+                raise TypeError(f"Expected argument `{name}` to be a tuple of state key names, but got {keys!r}.")
+        every = self.keys()
+        if len(set(every)) != len(every):
+            raise ValueError(f"Expected each state key in one of `linear`, `quadratic`, `rms`, but got {every!r}.")
+        if not isinstance(self.fill, Mapping) or not all(
+                isinstance(k, str) and callable(v) for k, v in self.fill.items()):
+            raise TypeError(f"Expected argument `fill` to map state keys to callables, but got {self.fill!r}.")
+        if self.fixup is not None and not callable(self.fixup):
+            raise TypeError(f"Expected argument `fixup` to be None or a callable, but got {self.fixup!r}.")
 
     def keys(self) -> Tuple[str, ...]:
         return self.linear + self.quadratic + self.rms
@@ -112,6 +129,11 @@ def register_optimizer_rule(optimizer_cls: Type[Optimizer], rule: OptimizerRule)
     """
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
         raise TypeError(f"Expected argument `optimizer_cls` to be an Optimizer subclass, but got {optimizer_cls!r}.")
+    if not isinstance(rule, OptimizerRule):
+        raise TypeError(
+            "Expected argument `rule` to be an OptimizerRule (e.g. OptimizerRule(linear=('momentum_buffer',))), "
+            f"but got {rule!r}."
+        )
     _RULES[optimizer_cls] = rule
 
 
@@ -142,7 +164,7 @@ def _as_optimizers(optimizer: OptimizerArg) -> List[Optimizer]:
     )
 
 
-def _reset_state(opt: Optimizer, param: Tensor) -> None:
+def _reset_state(opt: Optimizer, param: Tensor, tx: Transaction) -> None:
     """Drop the state of ``param``; all of it when the optimizer keeps flat, global state (LBFGS).
 
     LBFGS keeps vectors over all parameters concatenated, under its first parameter; its state is only
@@ -154,11 +176,11 @@ def _reset_state(opt: Optimizer, param: Tensor) -> None:
         for p, st in opt.state.items() for v in st.values() if isinstance(p, Tensor)
     )
     if flat or hasattr(opt, "_numel_cache"):
-        opt.state.clear()
+        tx.clear(opt.state)
         if hasattr(opt, "_numel_cache"):
-            opt._numel_cache = None  # LBFGS caches the total parameter count
+            tx.set_attr(opt, "_numel_cache", None)  # LBFGS caches the total parameter count
     else:
-        opt.state.pop(param, None)
+        tx.delete_item(opt.state, param)
 
 
 class StateRemapper:
@@ -176,11 +198,17 @@ class StateRemapper:
         self.optimizers = _as_optimizers(optimizer)
         self.on_unknown = on_unknown
         self._owner: Dict[int, Tuple[Optimizer, Mapping[str, object]]] = {}
+        self._shared: Dict[int, List[str]] = {}
         self._reset: set = set()
+        where: Dict[int, str] = {}
         for opt in self.optimizers:
-            for group in opt.param_groups:
+            for index, group in enumerate(opt.param_groups):
                 for p in group["params"]:
+                    here = f"{type(opt).__name__} (param group {index})"
+                    if id(p) in self._owner:
+                        self._shared.setdefault(id(p), [where[id(p)]]).append(here)
                     self._owner[id(p)] = (opt, group)
+                    where[id(p)] = here
 
     def owner(self, param: Tensor) -> Optional[Tuple[Optimizer, Mapping[str, object]]]:
         return self._owner.get(id(param))
@@ -195,6 +223,11 @@ class StateRemapper:
             return
         for p in params:
             name = names.get(id(p), "<parameter>")
+            if id(p) in self._shared:
+                raise ValueError(
+                    f"Expected every parameter to be held by one optimizer param group, but parameter `{name}` is "
+                    f"held by {' and '.join(self._shared[id(p)])}: its state could not be remapped consistently."
+                )
             found = self.owner(p)
             if found is None:
                 if isinstance(p, torch.nn.Parameter) and p.requires_grad:
@@ -232,30 +265,54 @@ class StateRemapper:
                         f"Optimizer state `{key}` of parameter `{name}` has shape {tuple(value.shape)}, "
                         f"but the parameter has shape {tuple(p.shape)}: the optimizer does not match the model."
                     )
+                if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    bad = int((~torch.isfinite(value)).sum())
+                    raise NonFiniteError(
+                        f"Optimizer state `{key}` of parameter `{name}` holds {bad} non-finite value(s); refusing "
+                        "to remap it (the change would spread them)."
+                    )
 
     def apply(self, param: Tensor, view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor],
-              transform: AxisTransform) -> None:
-        """Remap the state of ``param`` (called before the parameter itself changes shape)."""
+              transform: AxisTransform, inplace: bool = False) -> None:
+        """Remap the state of ``param`` (called before the parameter itself changes shape).
+
+        New state tensors replace the old ones in the state dict, through the enclosing
+        :func:`~iso_lightning.transaction.atomic` block, so a failure later in the operation restores them.
+        With ``inplace`` (a rotation of a very wide tensor) first moments are rotated in place and
+        restored by the inverse rotation; second moments are always staged (their rule has no inverse).
+        """
         found = self.owner(param)
         if found is None:
             return
         opt, group = found
         rule = rule_for(opt)
-        if rule is None or id(param) in self._reset:
-            _reset_state(opt, param)
-            return
-        state = opt.state.get(param)
-        if not state:
-            return
+        with atomic() as tx:
+            if rule is None or id(param) in self._reset:
+                _reset_state(opt, param, tx)
+                return
+            state = opt.state.get(param)
+            if state:
+                self._remap(state, group, rule, param, view_of, shape_back, transform, tx, inplace)
+
+    @staticmethod
+    def _remap(state: Dict[str, object], group: Mapping[str, object], rule: OptimizerRule, param: Tensor,
+               view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor], transform: AxisTransform,
+               tx: Transaction, inplace: bool) -> None:
+        new_state = dict(state)
         for key, value in list(state.items()):
             if not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
                 continue  # scalars such as `step` are kept
             if key not in rule.keys():
                 raise UnsupportedOptimizerError(
-                    f"Optimizer {type(opt).__name__} has state `{key}` that its remapping rule does not cover "
+                    f"Optimizer state `{key}` is not covered by its remapping rule "
                     "(call `validate` before `apply` to refuse this before anything changes)."
                 )
             view = view_of(value)
+            if inplace and key in rule.linear and view.data_ptr() == value.data_ptr() and value.is_contiguous():
+                transform.linear(view, inplace=True)
+                inverse = transform.inverse()
+                tx.on_rollback(functools.partial(inverse.linear, view, inplace=True))
+                continue
             fill = None
             if key in rule.fill and hasattr(transform, "count"):
                 pre, _, rest = view.shape
@@ -266,6 +323,10 @@ class StateRemapper:
                 new = transform.quadratic(view, fill)
             else:
                 new = transform.quadratic(view * view, fill).clamp_min(0).sqrt()
-            state[key] = shape_back(new)
+            new_state[key] = shape_back(new)
         if rule.fixup is not None:
-            rule.fixup(state, group)
+            # Fixups may update the tensors just made in place: they are not the optimizer's old ones.
+            rule.fixup(new_state, group)
+        for key, value in new_state.items():
+            if value is not state.get(key):
+                tx.set_item(state, key, value)

@@ -22,11 +22,18 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from iso_lightning import operations
+from iso_lightning.operations import SurgeryReport
+from iso_lightning.optim import OptimizerArg
+from iso_lightning.providers import find_spaces
+from iso_lightning.spaces import NeuronSpace
 
 __all__ = [
     "SCORES",
@@ -44,34 +51,56 @@ __all__ = [
 
 #: Neuron scores a policy can count with.
 SCORES = ("singular_value", "singular_value_x_out_norm")
+#: What a threshold is relative to: ``None`` (an absolute value), the space's median singular value
+#: when the policy first saw it (``"initial"``), or its current median (``"median"``).
+RELATIVE_TO = (None, "initial", "median")
 
 WidthBound = Union[None, int, Mapping[str, int]]
 
 
-@dataclass
 class SpaceInfo:
     """A snapshot of one neuron space.
 
     Attributes:
-        name: the space's name (``"hidden.0"``; prefixed by the module path inside a larger model).
+        name: the space's name (``"net.hidden.0"``: its module path from the model root).
         width: current number of neurons.
-        singular_values: descending, float64, one per neuron (all groups together).
-        out_norms: norm of each singular direction's outgoing column, in the same order.
+        singular_values: descending, float64, one per neuron (all groups together; for one-neuron
+            groups, as in an elementwise space, the norms of the incoming rows).
+        out_norms: norm of each singular direction's outgoing column, in the same order (computed
+            when first read: it needs the singular basis).
         groups: number of neuron groups.
         params_per_neuron: parameters one more neuron costs (row in, column out, bias, corrections).
+        min_width: the narrowest width a shrink can leave (default: one neuron per group).
     """
 
-    name: str
-    width: int
-    singular_values: Tensor
-    out_norms: Tensor
-    groups: int = 1
-    params_per_neuron: int = 0
+    def __init__(self, name: str, width: int, singular_values: Tensor, out_norms: Optional[Tensor] = None,
+                 groups: int = 1, params_per_neuron: int = 0, min_width: Optional[int] = None,
+                 space: Optional[NeuronSpace] = None) -> None:
+        if out_norms is None and space is None:
+            raise ValueError("Expected `out_norms`, or a space to compute them from.")
+        self.name, self.width, self.singular_values = name, width, singular_values
+        self.groups, self.params_per_neuron = groups, params_per_neuron
+        self.min_width = max(1, groups) if min_width is None else min_width
+        self._out_norms, self._space = out_norms, space
+
+    @property
+    def out_norms(self) -> Tensor:
+        if self._out_norms is None:
+            assert self._space is not None
+            self._out_norms = operations.spectrum(self._space, out_norms=True)[1]
+        assert self._out_norms is not None
+        return self._out_norms
 
     def scores(self, score: str) -> Tensor:
         if score == "singular_value":
             return self.singular_values
         return self.singular_values * self.out_norms
+
+    def median(self) -> float:
+        return float(self.singular_values.median()) if self.singular_values.numel() else 0.0
+
+    def __repr__(self) -> str:
+        return f"SpaceInfo(name={self.name!r}, width={self.width}, groups={self.groups})"
 
 
 @dataclass
@@ -82,6 +111,9 @@ class PolicyContext:
     step: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
     total_params: int = 0
+    #: Metrics may still appear (no validation or epoch end has produced them yet): a policy that
+    #: monitors one that is missing waits instead of failing.
+    awaiting_metrics: bool = False
 
 
 def _check_bound(name: str, value: WidthBound, minimum: int) -> WidthBound:
@@ -117,13 +149,24 @@ class TopologyPolicy:
         max_width: largest width (same forms); ``None`` for no limit.
         cooldown: number of decisions after a change of a space during which it is left alone.
         score: what the rule counts: ``"singular_value"`` or ``"singular_value_x_out_norm"``.
-        spaces: shell-style patterns of the space names the policy may change (default all).
+        spaces: shell-style patterns of the space names the policy may change (default all); a
+            pattern that matches no space of the model is an error when the callback starts.
+        max_shrink: the largest fraction of a space one decision may remove (default half); a
+            decision that asks for more is clipped, with a warning.
     """
 
     def __init__(self, min_width: WidthBound = 1, max_width: WidthBound = None, cooldown: int = 0,
-                 score: str = "singular_value", spaces: Optional[Sequence[str]] = None) -> None:
+                 score: str = "singular_value", spaces: Optional[Sequence[str]] = None,
+                 max_shrink: float = 0.5) -> None:
         self.min_width = _check_bound("min_width", min_width, 1)
         self.max_width = _check_bound("max_width", max_width, 1)
+        if isinstance(min_width, int) and isinstance(max_width, int) and min_width > max_width:
+            raise ValueError(
+                f"Expected argument `min_width` ({min_width}) to be at most `max_width`, but got max_width={max_width}."
+            )
+        if isinstance(max_shrink, bool) or not isinstance(max_shrink, (int, float)) or not 0 < max_shrink <= 1:
+            raise ValueError(f"Expected argument `max_shrink` to be a fraction in (0, 1], but got {max_shrink!r}.")
+        self.max_shrink = float(max_shrink)
         if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
             raise ValueError(f"Expected argument `cooldown` to be an int >= 0, but got {cooldown!r}.")
         if score not in SCORES:
@@ -147,8 +190,18 @@ class TopologyPolicy:
     def clamp(self, name: str, width: int) -> int:
         low = max(1, _bound(self.min_width, name) or 1)
         high = _bound(self.max_width, name)
+        if high is not None and low > high:
+            raise ValueError(f"Space `{name}`: `min_width` ({low}) is larger than `max_width` ({high}).")
         width = max(low, int(width))
         return width if high is None else min(high, width)
+
+    def patterns(self) -> List[str]:
+        """Every space-name pattern the policy was given (``spaces``, ``min_width``, ``max_width``)."""
+        out = list(self.spaces or [])
+        for bound in (self.min_width, self.max_width):
+            if isinstance(bound, Mapping):
+                out += [p for p in bound if p != "*"]
+        return out
 
     def decide(self, spaces: Mapping[str, SpaceInfo], context: PolicyContext) -> Dict[str, int]:
         """Clamped target widths for the spaces that should change now, honouring the cooldown."""
@@ -159,8 +212,16 @@ class TopologyPolicy:
                 continue
             if self._quiet.get(name, 0) > 0:
                 continue
-            # A shrink keeps one neuron in every group: a grouped space cannot go below its group count.
-            width = max(self.clamp(name, proposal[name]), info.groups)
+            # A shrink keeps one neuron in every group of several: a grouped space cannot go below its group count.
+            width = max(self.clamp(name, proposal[name]), info.min_width)
+            floor = info.width - int(math.floor(self.max_shrink * info.width))
+            if width < floor:
+                warnings.warn(
+                    f"{type(self).__name__}: `{name}` would shrink from {info.width} to {width} neurons in one "
+                    "decision; "
+                    f"clipped to {floor} by `max_shrink={self.max_shrink:g}`.", UserWarning, stacklevel=2,
+                )
+                width = floor
             if width != info.width:
                 decision[name] = width
         for name in list(self._quiet):
@@ -178,6 +239,9 @@ class TopologyPolicy:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(score={self.score!r}, cooldown={self.cooldown})"
 
+    #: The threshold singular values are compared with, if the policy has one (for figures and logs).
+    threshold: Optional[float] = None
+
 
 class ScaffoldPolicy(TopologyPolicy):
     """The paper's rule: keep ``scaffold`` neurons whose score is below ``threshold`` in every space.
@@ -188,23 +252,48 @@ class ScaffoldPolicy(TopologyPolicy):
         threshold: score below which a neuron counts as scaffold (orthogonal initialisation puts
             every singular value at 1; the paper uses 0.95).
         scaffold: number of scaffold neurons to keep per space (the paper uses 5).
+        relative_to: ``None`` (``threshold`` is absolute), ``"initial"`` (a fraction of the space's
+            median singular value when the policy first saw it: for any initialisation or a
+            pretrained model) or ``"median"`` (a fraction of its current median).
     """
 
-    def __init__(self, threshold: float = 0.95, scaffold: int = 5, **kwargs: Any) -> None:
+    def __init__(self, threshold: float = 0.95, scaffold: int = 5, relative_to: Optional[str] = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise ValueError(f"Expected argument `threshold` to be a positive number, but got {threshold!r}.")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < math.inf:
+            raise ValueError(f"Expected argument `threshold` to be a positive finite number, but got {threshold!r}.")
         if isinstance(scaffold, bool) or not isinstance(scaffold, int) or scaffold < 0:
             raise ValueError(f"Expected argument `scaffold` to be an int >= 0, but got {scaffold!r}.")
+        if relative_to not in RELATIVE_TO:
+            raise ValueError(f"Expected argument `relative_to` to be one of {list(RELATIVE_TO)}, but got "
+                             f"{relative_to!r}.")
         self.threshold = float(threshold)
         self.scaffold = scaffold
+        self.relative_to = relative_to
+        self._reference: Dict[str, float] = {}
+
+    def threshold_for(self, info: SpaceInfo) -> float:
+        """The absolute threshold of one space."""
+        base = float(self.threshold or 0.0)
+        if self.relative_to is None:
+            return base
+        if self.relative_to == "median":
+            return base * info.median()
+        return base * self._reference.setdefault(info.name, info.median())
 
     def propose(self, spaces: Mapping[str, SpaceInfo], context: PolicyContext) -> Dict[str, int]:
         out = {}
         for name, info in spaces.items():
-            below = int((info.scores(self.score) < self.threshold).sum())
+            below = int((info.scores(self.score) < self.threshold_for(info)).sum())
             out[name] = info.width + self.scaffold - below
         return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "reference": dict(self._reference)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._reference = {str(k): float(v) for k, v in dict(state.get("reference", {})).items()}
 
 
 class WidthSchedulePolicy(TopologyPolicy):
@@ -277,21 +366,31 @@ class LossPlateauPolicy(TopologyPolicy):
         for name, value, minimum in (("patience", patience, 0), ("grow_by", grow_by, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"Expected argument `{name}` to be an int >= {minimum}, but got {value!r}.")
-        if not isinstance(min_delta, (int, float)) or min_delta < 0:
-            raise ValueError(f"Expected argument `min_delta` to be a number >= 0, but got {min_delta!r}.")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not 0 <= min_delta < math.inf:
+            raise ValueError(f"Expected argument `min_delta` to be a finite number >= 0, but got {min_delta!r}.")
         self.monitor, self.mode, self.patience, self.grow_by = monitor, mode, patience, grow_by
         self.min_delta = float(min_delta)
         self.shrinker = None if scaffold is None else ScaffoldPolicy(threshold, scaffold, score=self.score)
         self.best: Optional[float] = None
         self.wait = 0
+        self._warned = False
 
     def propose(self, spaces: Mapping[str, SpaceInfo], context: PolicyContext) -> Dict[str, int]:
         if self.monitor not in context.metrics:
+            if context.awaiting_metrics:
+                if not self._warned:
+                    warnings.warn(f"LossPlateauPolicy monitors `{self.monitor}`, which has not been logged yet: no "
+                                  "decision until it is.", UserWarning, stacklevel=2)
+                    self._warned = True
+                return {}
             raise KeyError(
                 f"LossPlateauPolicy monitors `{self.monitor}`, which is not among the logged metrics "
                 f"{sorted(context.metrics)}."
             )
         value = float(context.metrics[self.monitor])
+        if not math.isfinite(value):
+            warnings.warn(f"LossPlateauPolicy: `{self.monitor}` is {value}; no decision.", RuntimeWarning, stacklevel=2)
+            return {}
         better = self.best is None or (
             value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
         )
@@ -394,45 +493,36 @@ class CompositePolicy(TopologyPolicy):
 
 
 # ---------------------------------------------------------------------------- helpers
-def describe(network: Any, prefix: str = "") -> Dict[str, SpaceInfo]:
-    """Snapshots of every hidden space of an :class:`~iso_lightning.IsotropicNetwork`.
+SpacesArg = Union[nn.Module, Mapping[str, NeuronSpace]]
 
-    Spectra are computed in float64 from the current weights; a space with non-finite weights
-    raises :class:`~iso_lightning.NonFiniteError`.
+
+def _hidden_spaces(model: SpacesArg) -> Dict[str, NeuronSpace]:
+    if isinstance(model, nn.Module):
+        return find_spaces(model, kind="hidden")
+    if isinstance(model, Mapping) and all(isinstance(v, NeuronSpace) for v in model.values()):
+        return {name: space for name, space in model.items() if space.kind == "hidden"}
+    raise ValueError(f"Expected a model (nn.Module) or a mapping of neuron spaces, but got {type(model).__name__}.")
+
+
+def describe(model: SpacesArg) -> Dict[str, SpaceInfo]:
+    """Snapshots of every hidden space of ``model`` (any module, or a mapping of spaces), by name.
+
+    Spectra are computed in float64 from the current weights, values only (the outgoing norms
+    follow when a policy first asks for them); a space with non-finite weights raises
+    :class:`~iso_lightning.NonFiniteError`.
     """
-    from iso_lightning.surgery import NonFiniteError, _check_finite, _group_rows, left_basis
-
     out: Dict[str, SpaceInfo] = {}
-    for layer in range(network.num_hidden):
-        space = network.space(layer)
-        try:
-            _check_finite(space)
-        except NonFiniteError as err:
-            raise NonFiniteError(str(err).replace(f"`{space.name}`", f"`{prefix}{space.name}`")) from None
-        a = space.incoming_matrix()
-        w_out = space.weight_out
-        assert w_out is not None
-        out_view = w_out.view(w_out.tensor.detach()).to(torch.float64)  # (pre, n, rest)
-        sigmas, norms = [], []
-        for rows in _group_rows(space):
-            u, s = left_basis(a[rows])
-            cols = torch.einsum("pir,ij->pjr", out_view[:, rows], u)
-            sigmas.append(s)
-            norms.append(cols.pow(2).sum(dim=(0, 2)).sqrt())
-        sigma, norm = torch.cat(sigmas), torch.cat(norms)
-        order = torch.argsort(sigma, descending=True, stable=True)
-        per_neuron = sum(b.tensor.numel() // max(1, b.size()) for b, _ in space.neuron_bindings())
-        out[prefix + space.name] = SpaceInfo(prefix + space.name, space.width, sigma[order], norm[order],
-                                             space.groups(), per_neuron)
+    for name, space in _hidden_spaces(model).items():
+        sigma, _ = operations.spectrum(space)
+        per_neuron = sum(b.tensor.numel() // max(1, b.size()) for b in space.neuron_bindings())
+        out[name] = SpaceInfo(name, space.width, sigma, None, space.groups(), per_neuron, space.min_width, space)
     return out
 
 
-def apply_decision(network: Any, decision: Mapping[str, int], *, optimizer: Any = None, prefix: str = "",
-                   generator: Optional[torch.Generator] = None) -> list:
-    """Apply ``{space name: width}`` to one network, last hidden layer first; returns the reports."""
-    widths = {}
-    for name, width in decision.items():
-        if not name.startswith(prefix + "hidden."):
-            raise ValueError(f"Expected space names of the form `{prefix}hidden.<layer>`, but got {name!r}.")
-        widths[int(name[len(prefix) + len("hidden."):])] = width
-    return list(network.set_widths(widths, optimizer=optimizer, generator=generator))
+def apply_decision(model: SpacesArg, decision: Mapping[str, int], *, optimizer: OptimizerArg = None,
+                   generator: Optional[torch.Generator] = None, on_unknown: str = "raise") -> List[SurgeryReport]:
+    """Apply ``{space name: width}`` to ``model``, all or nothing (spaces read later first)."""
+    spaces = _hidden_spaces(model)
+    scale = {name: float(getattr(space.owner, "growth_scale", 0.01)) for name, space in spaces.items()}
+    return operations.set_widths(spaces, decision, optimizer=optimizer, generator=generator, on_unknown=on_unknown,
+                                 scale=scale)

@@ -257,9 +257,14 @@ def test_slabbed_visits_every_column_once_in_small_blocks(monkeypatch: pytest.Mo
         return m.T @ mat
 
     x = sample((pre, n, rest), seed=5)
+    original = x.clone()
     expected = ref_apply(m.numpy(), x.numpy())
-    out = axis._slabbed(x, fn)
-    assert out.data_ptr() == x.data_ptr(), "the slab path works in place"
+    out = axis._slabbed(x, fn, inplace=False)
+    assert torch.equal(x, original), "the staged path leaves its input as it was"
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12 * max(1.0, np.abs(expected).max()))
+    blocks.clear()
+    out = axis._slabbed(x, fn, inplace=True)
+    assert out.data_ptr() == x.data_ptr(), "the in-place path writes into its input"
     np.testing.assert_allclose(x.numpy(), expected, rtol=0, atol=1e-12 * max(1.0, np.abs(expected).max()))
     assert len(blocks) > 1, "the tensor should have been cut into slabs"
     assert sum(blocks) == pre * rest
@@ -289,13 +294,20 @@ def test_rotations_slabbed_equal_reference(monkeypatch: pytest.MonkeyPatch, pre:
 
     for rot, mat in transforms:
         x = fresh(11, positive=False)
+        original = x.clone()
         expected = ref_apply(mat, x.to(torch.float64).numpy())
         out = rot.linear(x)
         assert_close(out, expected, dtype)
-        assert_close(x, expected, dtype)  # written back into the caller's tensor
+        assert torch.equal(x, original), "a staged rotation leaves the caller's tensor as it was"
+        if contiguous:
+            out = rot.linear(x, inplace=True)
+            assert out.data_ptr() == x.data_ptr()
+            assert_close(x, expected, dtype)  # written into the caller's tensor
         v = fresh(12, positive=True)
         expected_q = ref_apply(mat * mat, v.to(torch.float64).numpy())
         assert_close(rot.quadratic(v), expected_q, dtype)
+        if contiguous:
+            assert_close(rot.quadratic(v.clone(), inplace=True), expected_q, dtype)
 
 
 def test_slab_threshold_is_large_by_default() -> None:

@@ -5,8 +5,8 @@ import hashlib
 import lightning.pytorch as pl
 import pytest
 import torch
+from _helpers import IsoModule, loaders, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_callback import IsoModule, loaders, trainer
 
 from iso_lightning import DynamicTopologyCallback, ScaffoldPolicy
 from iso_lightning.checkpointing import latest_valid_checkpoint
@@ -38,14 +38,22 @@ def corrupted(tmp_path, source, edit):
     return path
 
 
+def entry(c, name="net.hidden.0"):
+    return c[TOPOLOGY_KEY]["spaces"][name]
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda c: c[TOPOLOGY_KEY]["net"].update(hidden_widths=["7", 6]), "positive int widths"),
-        (lambda c: c[TOPOLOGY_KEY]["net"].update(hidden_widths=[7]), "2 hidden widths"),
-        (lambda c: c[TOPOLOGY_KEY]["net"].update(groups=[[0, 2, 2, 2, 2, 2, 2, 2], None]), "groups|group"),
-        (lambda c: c[TOPOLOGY_KEY].update(encoder=c[TOPOLOGY_KEY].pop("net")), "different architecture"),
-        (lambda c: c.__setitem__(TOPOLOGY_KEY, "garbage"), "different architecture"),
+        (lambda c: entry(c).update(width="7"), "positive int width"),
+        (lambda c: entry(c).update(width=0), "positive int width"),
+        (lambda c: entry(c).update(width=2**40), "does not match its state dict"),
+        (lambda c: c[TOPOLOGY_KEY]["spaces"].pop("net.hidden.1"), "different architecture"),
+        (lambda c: entry(c).update(groups=[0, 2] + [2] * (entry(c)["width"] - 2)), "group"),
+        (lambda c: c[TOPOLOGY_KEY]["spaces"].update(encoder=c[TOPOLOGY_KEY]["spaces"].pop("net.hidden.0")),
+         "different architecture"),
+        (lambda c: c.__setitem__(TOPOLOGY_KEY, "garbage"), "Expected a topology record"),
+        (lambda c: c.__setitem__(TOPOLOGY_KEY, {"net": {"hidden_widths": [7]}}), "hidden widths"),
     ],
 )
 def test_corrupted_topology_record_is_refused_and_nothing_changes(tmp_path, grown_checkpoint, edit, match):
@@ -64,14 +72,23 @@ def test_corrupted_topology_record_is_refused_and_nothing_changes(tmp_path, grow
 
 def test_weights_that_do_not_match_the_record_are_refused(tmp_path, grown_checkpoint):
     def shrink_record(c):
-        c[TOPOLOGY_KEY]["net"]["hidden_widths"] = [6, 6]
-        c[TOPOLOGY_KEY]["net"]["groups"] = [None, None]
+        for name in ("net.hidden.0", "net.hidden.1"):
+            entry(c, name)["width"] = 6
 
     path = corrupted(tmp_path, grown_checkpoint, shrink_record)
     before = digest(path)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    model = IsoModule()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="does not match its state dict"):
+        model.on_load_checkpoint(torch.load(path, weights_only=False))
+    with pytest.raises(ValueError, match="does not match its state dict"):
         IsoModule.load_from_checkpoint(path)
+    with pytest.raises(ValueError, match="does not match its state dict"):
+        trainer(tmp_path, [], max_epochs=3).fit(model, *loaders(), ckpt_path=path)
     assert digest(path) == before
+    assert model.net.hidden_widths == [6, 6]
+    for key, value in state.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_truncated_and_foreign_files_are_never_picked(tmp_path, grown_checkpoint):

@@ -8,56 +8,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import IsoModule, blobs, loaders, trainer  # noqa: E402,F401
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
-from torch.utils.data import DataLoader, TensorDataset
 
 from iso_lightning import IsotropicMLP, ScaffoldPolicy, WidthSchedulePolicy
 from iso_lightning.callback import DynamicTopologyCallback
 from iso_lightning.mixin import TOPOLOGY_KEY, IsotropicModuleMixin
 
 torch.set_num_threads(1)
-
-
-def blobs(n=192, dim=8, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centres = 2.0 * torch.randn(classes, dim, generator=g)
-    y = torch.randint(0, classes, (n,), generator=g)
-    return TensorDataset(centres[y] + torch.randn(n, dim, generator=g), y)
-
-
-class IsoModule(IsotropicModuleMixin, pl.LightningModule):
-    def __init__(self, sizes=(8, 6, 6, 3), lr=0.03):
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = IsotropicMLP(list(sizes), psi="decay", length="trainable",
-                                generator=torch.Generator().manual_seed(1))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y) + self.psi_regularisation()
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)}
-
-
-def loaders(batch_size=32):
-    return DataLoader(blobs(), batch_size=batch_size, shuffle=False), DataLoader(blobs(seed=1), batch_size=64)
-
-
-def trainer(tmp_path, callbacks, max_epochs=6, **kwargs):
-    return pl.Trainer(default_root_dir=tmp_path, max_epochs=max_epochs, callbacks=callbacks, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                      deterministic=True, **kwargs)
 
 
 class Consistency(Callback):
@@ -130,7 +88,8 @@ def test_load_from_checkpoint_without_callback(tmp_path):
     trainer(tmp_path, [DynamicTopologyCallback(ScaffoldPolicy(0.95, 3), verbose=0), ckpt], max_epochs=3).fit(
         model, train, val)
     checkpoint = torch.load(ckpt.last_model_path, weights_only=False)
-    assert checkpoint[TOPOLOGY_KEY]["net"]["hidden_widths"] == model.net.hidden_widths
+    spaces = checkpoint[TOPOLOGY_KEY]["spaces"]
+    assert [spaces[f"net.hidden.{i}"]["width"] for i in range(2)] == model.net.hidden_widths
     loaded = IsoModule.load_from_checkpoint(ckpt.last_model_path)
     x = blobs().tensors[0][:16]
     assert loaded.net.hidden_widths == model.net.hidden_widths
@@ -139,11 +98,15 @@ def test_load_from_checkpoint_without_callback(tmp_path):
 
 def test_checkpoint_from_other_architecture_is_refused(tmp_path):
     model = IsoModule()
-    record = {"net": {"in_features": 8, "out_features": 3, "hidden_widths": [5], "groups": [None]}}
-    with pytest.raises(ValueError, match="Network `net`.*hidden widths"):
+    record = {"net": {"in_features": 8, "out_features": 3, "hidden_widths": [5], "groups": [None]}}  # 0.1 format
+    with pytest.raises(ValueError, match=r"missing \['net.hidden.1'\].*different architecture"):
         model.on_load_checkpoint({TOPOLOGY_KEY: record})
     with pytest.raises(ValueError, match="different architecture"):
         model.on_load_checkpoint({TOPOLOGY_KEY: {"encoder": record["net"]}})
+    current = model.topology()
+    current["spaces"]["encoder.hidden.0"] = current["spaces"].pop("net.hidden.0")
+    with pytest.raises(ValueError, match=r"unknown \['encoder.hidden.0'\]"):
+        model.on_load_checkpoint({TOPOLOGY_KEY: current})
     assert model.net.hidden_widths == [6, 6]
 
 
@@ -185,11 +148,13 @@ def test_non_finite_spectrum_skips_with_warning_naming_the_space(tmp_path):
         model.net.layers[1].weight[0, 0] = float("nan")
     fake = SimpleNamespace(is_global_zero=True, global_step=5, current_epoch=1, strategy=SimpleNamespace(
         broadcast=lambda obj, src=0: obj), callback_metrics={}, optimizers=[])
+    callback._bind(model)
     # W_1 reads hidden.0 (its columns) and writes hidden.1: the first space checked is named.
     with pytest.warns(RuntimeWarning, match=r"`net\.hidden\.0`"):
         callback._adapt(fake, model)
     assert model.net.hidden_widths == [6, 6] and callback.skipped
     strict = DynamicTopologyCallback(ScaffoldPolicy(0.95, 3), on_nonfinite="raise")
+    strict._bind(model)
     from iso_lightning import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"`net\.hidden\.0`"):
@@ -215,9 +180,14 @@ def test_refuses_module_without_isotropic_network(tmp_path):
             super().__init__()
             self.layer = torch.nn.Linear(8, 3)
 
+    class WithMixin(IsotropicModuleMixin, Plain):
+        pass
+
     fake = SimpleNamespace(strategy=SimpleNamespace(), callbacks=[])
-    with pytest.raises(ValueError, match="no IsotropicNetwork"):
+    with pytest.raises(ValueError, match="IsotropicModuleMixin"):
         DynamicTopologyCallback(ScaffoldPolicy()).setup(fake, Plain(), "fit")
+    with pytest.raises(ValueError, match="found no neuron space.*iso_lightning.convert"):
+        DynamicTopologyCallback(ScaffoldPolicy()).setup(fake, WithMixin(), "fit")
 
 
 def test_two_callbacks_coexist_on_disjoint_spaces_and_clash_otherwise(tmp_path):
@@ -225,12 +195,15 @@ def test_two_callbacks_coexist_on_disjoint_spaces_and_clash_otherwise(tmp_path):
     a = DynamicTopologyCallback(ScaffoldPolicy(spaces=["net.hidden.0"]), name="first")
     b = DynamicTopologyCallback(ScaffoldPolicy(spaces=["*.hidden.1"]), name="second")
     assert a.state_key != b.state_key
-    fake = SimpleNamespace(strategy=SimpleNamespace(), callbacks=[a, b])
-    a.setup(fake, model, "fit")
-    b.setup(fake, model, "fit")
+    def fake(*callbacks):
+        return SimpleNamespace(strategy=SimpleNamespace(), callbacks=list(callbacks), log_dir=str(tmp_path),
+                               progress_bar_callback=None)
+
+    a.setup(fake(a, b), model, "fit")
+    b.setup(fake(a, b), model, "fit")
     c = DynamicTopologyCallback(ScaffoldPolicy(), name="third")
     with pytest.raises(ValueError, match="same spaces"):
-        c.setup(SimpleNamespace(strategy=SimpleNamespace(), callbacks=[a, c]), model, "fit")
+        c.setup(fake(a, c), model, "fit")
 
 
 def test_callback_pickles_with_its_state():
@@ -290,17 +263,26 @@ def test_monitoring_reaches_loggers_progress_bar_and_figure(tmp_path):
     t = pl.Trainer(default_root_dir=tmp_path, max_epochs=4, callbacks=[callback], logger=loggers,
                    enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     t.fit(model, train, val)
-    # Progress bar: total hidden width during the last epoch (the history's last snapshot, taken
-    # before the end-of-epoch change).
+    # Progress bar: total hidden width of the final model (changes happen at epoch starts, so the
+    # last epoch's snapshot is of the final widths), always in the same compact format.
     last = [h for h in callback.history if h["epoch"] == 3]
-    assert t.progress_bar_metrics["hidden"] == sum(h["width"] for h in last)
-    assert t.progress_bar_metrics["params"] > 0
+    assert t.progress_bar_metrics["hidden"] == str(sum(h["width"] for h in last)) == str(sum(model.net.hidden_widths))
+    params = sum(p.numel() for p in model.parameters())
+    assert t.progress_bar_metrics["params"] == (f"{params / 1e3:.3g}k" if params >= 1e3 else str(params))
+    # Monitorable: the figures are in callback_metrics.
+    assert float(t.callback_metrics["topology/parameters"]) == params
     # CSV metrics: one row of per-space figures per epoch.
     import csv
 
     rows = list(csv.DictReader(open(loggers[0].log_dir + "/metrics.csv")))
-    widths = [float(r["topology/net.hidden.0/width"]) for r in rows if r.get("topology/net.hidden.0/width")]
-    assert len(widths) == 4 and widths[0] == 6.0
+    logged = [r for r in rows if r.get("topology/net.hidden.0/width")]
+    steps = [int(r["step"]) for r in logged]
+    assert len(steps) == len(set(steps))  # one row per step
+    assert all(r["epoch"] for r in logged)
+    ends = [r for r in logged if r.get("topology/net.hidden.0/effective_rank")]  # one per epoch end
+    assert len(ends) == 4 and float(ends[0]["topology/net.hidden.0/width"]) == 6.0
+    # A change's widths reach the log (at the step after the change when that step was logged already).
+    assert len(logged) == 4 + len({e["step"] for e in callback.events})
     key = "topology/net.hidden.0/effective_rank"
     ranks = [float(r[key]) for r in rows if r.get(key)]
     assert all(0 < r <= 12 for r in ranks)

@@ -22,7 +22,6 @@ def args(tmp_path, data_dir, *extra):
         "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(tmp_path / "root"),
         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-        "--model.init_args.lr", "0.01",
         *extra,
     ]
 
@@ -33,10 +32,11 @@ def test_fit_then_test_then_resume_from_the_resized_checkpoint(tmp_path, capsys,
     data.mkdir()
     make_dataset(data, n_train=600, n_test=100)
     caplog.set_level("INFO")
-    main(["fit", *args(tmp_path, data)])
+    main(["fit", *args(tmp_path, data), "--model.init_args.lr", "0.01"])
     out = capsys.readouterr().out
-    assert "[iso_lightning] epoch 0" in caplog.text  # topology changes reported as they happen
-    accuracy = float(out.split("[iso_lightning] test accuracy ")[1].split()[0])
+    assert "[iso_lightning] epoch 1 step" in caplog.text  # topology changes reported as they happen
+    assert "test of the checkpoint" in out  # the best (here: newest) checkpoint is tested after fit
+    accuracy = float(out.split("test_acc ")[1].split()[0])
     assert 0.3 < accuracy <= 1.0  # ten separable blobs; chance is 0.1
     version = sorted(glob.glob(str(tmp_path / "logs" / "fashion_mnist_scaffold" / "version_*")))[-1]
     rows = list(csv.DictReader(open(os.path.join(version, "topology_events.csv"))))
@@ -52,7 +52,32 @@ def test_fit_then_test_then_resume_from_the_resized_checkpoint(tmp_path, capsys,
     # Resume fit for one more epoch from the same checkpoint.
     main(["fit", *args(tmp_path, data, "--trainer.max_epochs", "4"), "--ckpt_path", last[0]])
     out = capsys.readouterr().out
-    assert "test accuracy" in out
+    assert "test_acc" in out
+    # Predictions of the resized checkpoint.
+    main(["predict", *args(tmp_path, data), "--ckpt_path", last[0]])
+
+
+@pytest.mark.slow
+def test_topology_flags_own_module_and_test_choice(tmp_path, capsys, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_dataset(data, n_train=300, n_test=60)
+    caplog.set_level("INFO")
+    # A flag of the callback's policy reaches it (it used to go to the last callback of the list).
+    main(["fit", *args(tmp_path, data, "--trainer.max_epochs", "2"), "--topology.policy.threshold", "0.5",
+          "--test_after_fit", "last"])
+    out = capsys.readouterr().out
+    assert "test of the final weights" in out
+    config = open(glob.glob(str(tmp_path / "logs" / "**" / "config.yaml"), recursive=True)[-1]).read()
+    assert "threshold: 0.5" in config
+    # A user's own LightningModule with the mixin; its `in_features` and `num_classes` come from the data.
+    main(["fit", *args(tmp_path, data, "--trainer.max_epochs", "2"), "--model", "_helpers.FlatClassifier",
+          "--model.init_args.width", "5", "--test_after_fit", "none"])
+    out = capsys.readouterr().out
+    assert "test of the" not in out
+    assert "net.hidden.0" in caplog.text
+    with pytest.raises(ValueError, match="`test_after_fit`.*'best', 'last', 'none'"):
+        main(["fit", *args(tmp_path, data), "--test_after_fit", "always"])
 
 
 def test_threads_option_is_checked_and_applied(tmp_path):

@@ -65,8 +65,8 @@ from test_surgery_properties import (
 from torch import nn
 
 import iso_lightning as il
-from iso_lightning import DenseRotation, StateRemapper
-from iso_lightning.surgery import _transform_space
+from iso_lightning import DenseRotation
+from iso_lightning.operations import transform_space
 
 # Singular values computed in float64 (numpy here, torch in the library) agree to ~eps * sigma_max *
 # sqrt(width) ~ 1e-14 sigma_max for these sizes (<= 32 rows, <= 44 columns); 1e-10 * sigma_max is far
@@ -153,7 +153,7 @@ def _block_rotation(index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def _rotate_within_groups(net: il.IsotropicNetwork, layer: int, g: torch.Generator) -> None:
     space = net.space(layer)
-    _transform_space(space, DenseRotation(_block_rotation(space.group_index(), g)), StateRemapper(None))
+    transform_space(space, DenseRotation(_block_rotation(space.group_index(), g)))
 
 
 # ---------------------------------------------------------------------------- numpy references
@@ -355,9 +355,13 @@ def test_grow_into_a_group_is_exact(case, data):
     _assert_preserved(before, _out(net, x))
     assert report.exact and report.error_estimate == 0.0
     # group=None: each new neuron joins the group that is smallest at that moment (lowest number
-    # among equals), which keeps the groups balanced.
+    # among equals), which keeps the groups balanced; in a space of one-neuron groups (the
+    # elementwise case) each new neuron is a group of its own.
+    singletons = m == len(index)
     if group is not None:
         expected = [group] * n
+    elif singletons:
+        expected = list(range(m, m + n))
     else:
         counts, expected = list(sizes), []
         for _ in range(n):
@@ -368,8 +372,14 @@ def test_grow_into_a_group_is_exact(case, data):
     new_index = net.space(layer).group_index()
     assert torch.equal(new_index[:-n], index)  # old neurons keep their group
     assert new_index[-n:].tolist() == expected
-    assert net.space(layer).groups() == m  # no group appears or vanishes
     act = net.activation(layer)
+    if group is None and singletons:
+        assert net.space(layer).groups() == m + n
+        if length is not None:  # the old groups keep o; the new ones start at the initial length
+            assert torch.equal(act.length.detach()[:m], length)
+            assert torch.all(act.length.detach()[m:] == act.length_init)
+        return
+    assert net.space(layer).groups() == m  # no group appears or vanishes
     if length is not None:
         assert torch.equal(act.length.detach(), length)  # o per group untouched
     nxt = net.layers[layer + 1]
@@ -464,7 +474,7 @@ def test_rotation_mixing_groups_is_detected():
     before = _out(net, x)
     _rotate_within_groups(net, 0, g)
     _assert_preserved(before, _out(net, x))  # a block-diagonal rotation is a symmetry ...
-    _transform_space(net.space(0), DenseRotation(_orthogonal(6, g)), StateRemapper(None))
+    transform_space(net.space(0), DenseRotation(_orthogonal(6, g)))
     assert float((_out(net, x) - before).abs().max()) > 1e-3  # ... a rotation across groups is not
 
 
@@ -598,10 +608,21 @@ def test_shrink_never_empties_a_group(partition):
         net.shrink(0, 6 - m, optimizer=opt)  # exactly what they can spare: one neuron left per group
         assert _group_sizes(net, 0) == [1] * m
     else:
+        # Every group is a single neuron (the elementwise case): shrink removes whole neurons, the
+        # weakest rows of [W | psi], and keeps at least one.
         state = _state_copy(net, opt)
         with pytest.raises(ValueError, match="`n`"):
-            net.shrink(0, 1, optimizer=opt)  # every group is a single neuron
+            net.shrink(0, 6, optimizer=opt)
         _assert_unchanged(net, opt, state)
+        a = torch.cat([net.layers[0].weight, net.layers[0].correction], dim=1) if net.layers[0].correction is not None \
+            else net.layers[0].weight
+        norms = a.detach().norm(dim=1)
+        keep = torch.argsort(norms, descending=True)[:4].sort().values
+        kept_rows = net.layers[0].weight.detach()[keep].clone()
+        report = net.shrink(0, 2, optimizer=opt)
+        assert net.space(0).groups() == 4 and _group_sizes(net, 0) == [1] * 4
+        assert torch.equal(net.layers[0].weight.detach(), kept_rows)  # no rotation: whole neurons go
+        np.testing.assert_allclose(report.singular_values.numpy(), np.sort(norms.numpy())[:2], rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------- exact removal of a constant neuron

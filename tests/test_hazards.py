@@ -102,12 +102,14 @@ def test_callback_never_operates_on_non_finite_state(where, value):
         (target if where == "weight" else target.grad)[0, 0] = value
     before = {k: v.clone() for k, v in module.state_dict().items()}
     callback = DynamicTopologyCallback(ScaffoldPolicy(threshold=10.0, scaffold=0), verbose=0)  # wants to shrink
+    callback._bind(module)
     with pytest.warns(RuntimeWarning, match="net"):
         callback._adapt(fake_trainer(), module)
     assert callback.skipped and not callback.events
     for key, value_before in before.items():
         torch.testing.assert_close(module.state_dict()[key], value_before, equal_nan=True)
     strict = DynamicTopologyCallback(ScaffoldPolicy(threshold=10.0, scaffold=0), on_nonfinite="raise")
+    strict._bind(module)
     with pytest.raises(NonFiniteError, match="net"):
         strict._adapt(fake_trainer(), module)
 

@@ -212,12 +212,14 @@ def test_bad_arguments(factory, match):
 
 
 def test_grouped_spaces_are_never_asked_below_their_group_count():
-    # Every group keeps a neuron, so a space of m groups cannot shrink below m (group size 1: not at all).
+    # Every group keeps a neuron, so a space of m groups cannot shrink below m; a space of single-neuron
+    # groups loses whole neurons instead (at most `max_shrink` of them in one decision).
     net = IsotropicMLP([6, 4, 3], group_size=1)
     with torch.no_grad():
         net.layers[0].weight.mul_(0.5)  # every singular value below the threshold
-    decision = ScaffoldPolicy(threshold=0.95, scaffold=1).decide(describe(net), PolicyContext())
-    assert decision == {}
+    with pytest.warns(UserWarning, match="clipped to 2"):
+        decision = ScaffoldPolicy(threshold=0.95, scaffold=1).decide(describe(net), PolicyContext())
+    assert decision == {"hidden.0": 2}
     pairs = IsotropicMLP([6, 6, 3], group_size=2)
     with torch.no_grad():
         pairs.layers[0].weight.mul_(0.5)

@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import iso_lightning as il
-from iso_lightning import DenseRotation, StateRemapper
-from iso_lightning.surgery import _transform_space
+from iso_lightning import DenseRotation
+from iso_lightning.operations import transform_space
 
 ABS_TOL_F64 = 1e-10  # DESIGN.md section 3, float64 bound (justified in the module docstring)
 REL_TOL_F32 = 1e-5  # DESIGN.md section 3, float32 bound (justified in the module docstring)
@@ -141,7 +141,7 @@ def _plant_constant_neuron(net: il.IsotropicNetwork, layer: int, index: int, bia
             this.correction[index].zero_()
         this.bias[index] = bias
     space = net.space(layer)
-    _transform_space(space, DenseRotation(_orthogonal(space.width, g)), StateRemapper(None))
+    transform_space(space, DenseRotation(_orthogonal(space.width, g)))
     # Precondition of the test: no single row of [W | psi] is zero any more.
     rows = space.incoming_matrix().to(torch.float64).norm(dim=1)
     assert float(rows.min()) > 1e-6 * float(rows.max())
@@ -537,7 +537,7 @@ def _ill_conditioned_constant_neuron(small: float, seed: int, dtype: torch.dtype
     with torch.no_grad():
         net.layers[0].weight.copy_(torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, small]]))
         net.layers[0].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
-    _transform_space(net.space(0), DenseRotation(_orthogonal(4, g)), StateRemapper(None))
+    transform_space(net.space(0), DenseRotation(_orthogonal(4, g)))
     return net, _inputs((64, 3), dtype, seed)
 
 

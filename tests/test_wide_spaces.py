@@ -2,7 +2,7 @@
 
 Such spaces take their removal directions from the float32 Gram matrix: an inverse subspace
 iteration, or a dense decomposition of the same matrix when the iteration converges slowly, then a
-Rayleigh-Ritz step with the weights themselves (:func:`iso_lightning.surgery._weakest_float32`).
+Rayleigh-Ritz step with the weights themselves (:func:`iso_lightning.linalg._weakest_float32`).
 The reference here is ``numpy.linalg.svd`` of the same weights in float64.
 
 Tolerances, from the method:
@@ -29,10 +29,10 @@ import pytest
 import torch
 
 import iso_lightning as il
-from iso_lightning import DenseRotation, StateRemapper, surgery
-from iso_lightning.surgery import _transform_space
+from iso_lightning import DenseRotation, linalg
+from iso_lightning.operations import transform_space
 
-WIDTH, INPUTS = 300, 900  # wider than surgery._SVD_WIDTH_FLOAT32: the float32 Gram route
+WIDTH, INPUTS = 300, 900  # wider than linalg._SVD_WIDTH_FLOAT32: the float32 Gram route
 REL, ABS = 2e-4, 5e-6  # see the module docstring
 
 
@@ -120,17 +120,17 @@ def test_zero_singular_values_are_removed_exactly(kind: str, zeros: int, threads
 
 def test_iteration_hands_clustered_spectra_to_the_dense_route(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    dense = surgery._bottom_eigenpairs
-    monkeypatch.setattr(surgery, "_bottom_eigenpairs", lambda g, count: calls.append(count) or dense(g, count))
+    dense = linalg._bottom_eigenpairs
+    monkeypatch.setattr(linalg, "_bottom_eigenpairs", lambda g, count: calls.append(count) or dense(g, count))
     _net(_spectrum("clustered")).shrink(0, 1)
-    assert calls == [1 + surgery._ITER_EXTRA], "a slow iteration switches to a dense decomposition of the same matrix"
+    assert calls == [1 + linalg._ITER_EXTRA], "a slow iteration switches to a dense decomposition of the same matrix"
     calls.clear()
     _net(_spectrum("separated")).shrink(0, 1)
     assert calls == [], "a well separated weak direction needs no dense decomposition"
 
 
 def test_a_gram_matrix_that_cannot_be_factorised_takes_the_dense_route(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(surgery, "_cholesky_shifted", lambda g, shift: None)
+    monkeypatch.setattr(linalg, "_cholesky_shifted", lambda g, shift: None)
     net = _net(_spectrum("separated"))
     sigma = _reference(net)
     report = net.shrink(0, 3)
@@ -244,7 +244,7 @@ def _plant_null_rows(net: il.IsotropicNetwork, layer: int, rows: list, seed: int
     for group in range(space.groups()):
         members = torch.nonzero(index == group).flatten()
         m[members.unsqueeze(1), members.unsqueeze(0)] = _orthogonal(members.numel(), g)
-    _transform_space(space, DenseRotation(m), StateRemapper(None))
+    transform_space(space, DenseRotation(m))
 
 
 def _change(net: il.IsotropicNetwork, x: torch.Tensor, operation) -> float:

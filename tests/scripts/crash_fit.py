@@ -19,10 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from test_callback import IsoModule, blobs  # noqa: E402
+from _helpers import IsoModule, blobs  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import iso_lightning.layers as layers  # noqa: E402
+import iso_lightning.operations as operations  # noqa: E402
 from iso_lightning import DynamicTopologyCallback, TopologyPolicy  # noqa: E402
 
 
@@ -54,17 +54,18 @@ def arm(kill_at):
     kind, _, count = kill_at.partition(":")
     remaining = [int(count)]
     if kind == "topology":
-        original = layers.IsotropicNetwork.set_widths
+        original = operations.set_widths
 
-        def set_widths(self, widths, **kwargs):
+        def set_widths(spaces, widths, **kwargs):
             remaining[0] -= 1
             if remaining[0] == 0 and len(widths) > 1:
-                last = max(widths)
-                self.resize(last, widths[last], optimizer=kwargs.get("optimizer"), generator=kwargs.get("generator"))
+                last = sorted(widths)[-1]
+                operations.resize(spaces[last], widths[last], optimizer=kwargs.get("optimizer"),
+                                  generator=kwargs.get("generator"))
                 os.kill(os.getpid(), signal.SIGKILL)  # half of the change applied, nothing saved
-            return original(self, widths, **kwargs)
+            return original(spaces, widths, **kwargs)
 
-        layers.IsotropicNetwork.set_widths = set_widths
+        operations.set_widths = set_widths
     elif kind == "checkpoint":
         import lightning.fabric.utilities.cloud_io as cloud_io
 
