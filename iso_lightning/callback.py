@@ -22,6 +22,7 @@ import fnmatch
 import gc
 import logging
 import os
+import pickle
 import sys
 import uuid
 import warnings
@@ -93,6 +94,15 @@ def _compact(value: float) -> str:
         if abs(value) >= size:
             return f"{value / size:.3g}{unit}"
     return f"{int(value)}"
+
+
+def _portable(err: Exception) -> Exception:
+    """``err`` if it survives pickling (a broadcast), else a ``RuntimeError`` with its message."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
 
 
 def _policies(policy: TopologyPolicy) -> List[TopologyPolicy]:
@@ -439,11 +449,19 @@ class DynamicTopologyCallback(Callback):
         self.skipped.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "reason": reason})
 
     def _adapt(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # One decision for all ranks: rank 0 decides, every rank applies the same change.
-        plan = self._decide(trainer, pl_module) if trainer.is_global_zero else None
+        # One decision for all ranks: rank 0 decides, every rank applies the same change. An error of
+        # the policy travels with the broadcast, so that every rank raises it (none waits forever).
+        plan: Optional[Dict[str, Any]] = None
+        if trainer.is_global_zero:
+            try:
+                plan = self._decide(trainer, pl_module)
+            except Exception as err:
+                plan = {"error": _portable(err)}
         plan = trainer.strategy.broadcast(plan, src=0)
         self._snapshots = None  # spectra are of the weights before this point
         assert plan is not None
+        if "error" in plan:
+            raise plan["error"]
         if "skip" in plan:
             self._skip(trainer, plan["skip"])
             return

@@ -383,9 +383,9 @@ class LossPlateauPolicy(TopologyPolicy):
                                   "decision until it is.", UserWarning, stacklevel=2)
                     self._warned = True
                 return {}
-            raise KeyError(
+            raise ValueError(
                 f"LossPlateauPolicy monitors `{self.monitor}`, which is not among the logged metrics "
-                f"{sorted(context.metrics)}."
+                f"{sorted(context.metrics)}: pass one of them as `monitor`."
             )
         value = float(context.metrics[self.monitor])
         if not math.isfinite(value):
@@ -525,4 +525,4 @@ def apply_decision(model: SpacesArg, decision: Mapping[str, int], *, optimizer: 
     spaces = _hidden_spaces(model)
     scale = {name: float(getattr(space.owner, "growth_scale", 0.01)) for name, space in spaces.items()}
     return operations.set_widths(spaces, decision, optimizer=optimizer, generator=generator, on_unknown=on_unknown,
-                                 scale=scale)
+                                 scale=scale, argument="decision")

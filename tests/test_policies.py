@@ -129,7 +129,7 @@ def test_loss_plateau_grows_after_patience_and_shrinks_surplus_otherwise():
     assert policy.decide(s, PolicyContext(metrics={"val_loss": 1.0})) == {"a": 2}
     assert policy.decide(s, PolicyContext(metrics={"val_loss": 1.0})) == {"a": 2}  # wait 1 <= patience
     assert policy.decide(s, PolicyContext(metrics={"val_loss": 1.0})) == {"a": 7}  # plateau: grow by 3
-    with pytest.raises(KeyError, match="val_acc"):
+    with pytest.raises(ValueError, match=r"`val_acc`.*\['val_loss'\].*`monitor`"):
         LossPlateauPolicy(monitor="val_acc").decide(s, PolicyContext(metrics={"val_loss": 1.0}))
 
 
