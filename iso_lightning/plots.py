@@ -27,8 +27,11 @@ def topology_figure(history: Sequence[Mapping[str, Any]], events: Sequence[Mappi
         if record["space"] not in spaces:
             spaces.append(record["space"])
     rows = max(1, len(spaces))
-    fig = Figure(figsize=(11, 2.6 * rows + 0.6), layout="constrained")
-    grid = fig.add_gridspec(rows, 2, width_ratios=[1, 1.4])
+    height = 2.6 * rows + 0.6
+    # A fixed layout: a constrained one doubles the time the callback spends saving the figure.
+    fig = Figure(figsize=(11, height))
+    grid = fig.add_gridspec(rows, 2, width_ratios=[1, 1.4], left=0.06, right=0.97, bottom=0.55 / height,
+                            top=1 - 0.35 / height, wspace=0.18, hspace=0.55)
     widths_ax = fig.add_subplot(grid[:, 0])
     by_space: Dict[str, List[Mapping[str, Any]]] = {s: [r for r in history if r["space"] == s] for s in spaces}
     for space, records in by_space.items():

@@ -331,3 +331,26 @@ def test_the_checker_above_finds_the_pattern_that_used_to_hang():
     branch = next(n for n in ast.walk(tree) if isinstance(n, ast.If))
     assert _names(branch.test) & _RANK and _names(branch.body[0]) & _COLLECTIVES
 
+
+
+# ------------------------------------------------------------------ issue 12: load_state_dict of other widths
+def test_load_state_dict_of_a_resized_module_resizes_a_fresh_one_first():
+    torch.manual_seed(0)
+    trained = IsoModule()
+    opt = torch.optim.Adam(trained.parameters())
+    trained.set_widths({"net.hidden.0": 9, "net.hidden.1": 4}, optimizer=opt)
+    fresh = IsoModule()
+    params = {name: id(p) for name, p in fresh.named_parameters()}
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.net.hidden_widths == [9, 4]
+    assert {name: id(p) for name, p in fresh.named_parameters()} == params  # the same Parameter objects
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+    # A state dict of another architecture changes nothing and says why.
+    other = IsoModule(sizes=(8, 6, 3)).state_dict()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(RuntimeError, match="nothing was changed"):
+        fresh.load_state_dict(other)
+    assert fresh.net.hidden_widths == [9, 4]
+    for key, value in before.items():
+        assert torch.equal(fresh.state_dict()[key], value)
