@@ -460,8 +460,7 @@ class IsotropicNetwork(nn.Module):
             operations.full_weight(space, previous)
             operations.check_space(previous)
             operations.check_space(space)
-        if pairs:
-            operations.remapper_for(optimizer, on_unknown, *(sp for pair in pairs for sp in pair))
+        operations.remapper_for(optimizer, on_unknown, *(sp for pair in pairs for sp in pair))
         first = self.affine(0).weight
         if probe is None:
             if first.dim() != 2:
@@ -469,16 +468,14 @@ class IsotropicNetwork(nn.Module):
                                  "known).")
             g = torch.Generator().manual_seed(0)
             probe = torch.randn(256, self.in_features, generator=g).to(first.dtype)
-        with torch.no_grad():
-            before = self(probe).detach().clone()
+        before = operations.probe_outputs(self, probe)
         start = time.perf_counter()
         with atomic():
             for layer in layers:
                 operations.diagonalise(self.space(layer), "full", previous=self.space(layer - 1), optimizer=optimizer,
                                        on_unknown=on_unknown)
         seconds = time.perf_counter() - start
-        with torch.no_grad():
-            after = self(probe)
+        after = operations.probe_outputs(self, probe)
         zero = sum(int((self.affine(layer).weight == 0).sum()) for layer in layers)
         total = sum(self.affine(i).weight.numel() for i in range(len(self.layers)))
         err = float((after - before).abs().max())

@@ -96,7 +96,8 @@ class SurgeryReport:
             (0 for exact operations): the dropped input-dependent part and every part a fold could
             not absorb.
         exact: the operation keeps the function unchanged up to round-off.
-        measured_error: max |Δ output| on ``probe`` inputs when a probe was given, else ``None``.
+        measured_error: max |Δ output| on ``probe`` inputs when a probe was given (the owner run in eval
+            mode, its modes restored after), else ``None``.
         details: extra figures (removed biases, folds applied, ...).
     """
 
@@ -170,6 +171,17 @@ def _check_finite_tensor(label: str, what: str, t: Tensor, space: NeuronSpace) -
         bad = int((~torch.isfinite(t.detach())).sum())
         raise NonFiniteError(
             f"Space `{space.name}`: {what} `{label}` holds {bad} non-finite value(s); refusing to operate on it."
+        )
+
+
+def _check_result(label: str, what: str, t: Tensor) -> None:
+    """Refuse a new value that is not finite (finite inputs whose transform overflows the dtype)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(
+            f"The operation would write non-finite values into {what} `{label}` (its values are too large for "
+            f"{t.dtype}); refusing it, nothing was changed."
         )
 
 
@@ -251,6 +263,9 @@ def _apply(binding: Binding, transform: AxisTransform, remapper: StateRemapper, 
         return
     new_grad = None if grad is None else binding.shape_back(transform.linear(binding.view(grad)), shape)
     new = binding.shape_back(transform.linear(binding.view(t.detach()), fill), shape)
+    if new_grad is not None:
+        _check_result(binding.label, "the gradient of", new_grad)
+    _check_result(binding.label, "tensor", new)
     if grad is not None:
         tx.set_grad(t, None)  # a gradient must keep the parameter's shape: swap it after the values
     tx.replace(t, new)
@@ -380,16 +395,30 @@ def _probe(space: NeuronSpace, probe: Optional[Tensor]) -> Optional[Tensor]:
     owner = space.owner
     if owner is None:
         raise ValueError(f"Expected argument `probe` to be None for space `{space.name}`: it has no owner module.")
+    return probe_outputs(owner, probe, f" (the module that owns `{space.name}`)")
+
+
+def probe_outputs(owner: nn.Module, probe: Any, whose: str = "") -> Tensor:
+    """``owner(probe)``, detached, in eval mode: what an operation's measured error compares; ``probe`` is
+    checked first."""
     if not isinstance(probe, Tensor):
         raise ValueError(f"Expected argument `probe` to be a tensor of inputs, but got {type(probe).__name__}.")
+    if probe.is_floating_point() and not bool(torch.isfinite(probe).all()):
+        raise NonFiniteError("Expected argument `probe` to hold finite inputs, but it holds NaN or Inf.")
+    # In eval mode: dropout would make the two runs differ, and batch norms would update their statistics.
+    modes = [(m, m.training) for m in owner.modules()]
+    owner.eval()
     with torch.no_grad():
         try:
             out = owner(probe)
         except Exception as err:  # a wrong shape or dtype: name the argument, not the layer
             raise ValueError(
-                f"Expected argument `probe` to be a batch of inputs of {type(owner).__name__} (the module that owns "
-                f"`{space.name}`), but it has shape {tuple(probe.shape)} and running it failed: {err}"
+                f"Expected argument `probe` to be a batch of inputs of {type(owner).__name__}{whose}, but it has "
+                f"shape {tuple(probe.shape)} and running it failed: {err}"
             ) from None
+        finally:
+            for module, mode in modes:
+                module.training = mode
     if not isinstance(out, Tensor):
         raise ValueError(f"Expected {type(owner).__name__} to return a tensor for `probe`, but got "
                          f"{type(out).__name__}.")
@@ -563,7 +592,9 @@ def _fold_constants(space: NeuronSpace, neurons: Tensor, outputs: Tensor, group_
             unabsorbed += float(contribution.norm())
             continue
         t = bias.tensor
-        tx.replace(t, (t.detach().double() + contribution.reshape(t.shape).to(t.device)).to(t.dtype))
+        folded = (t.detach().double() + contribution.reshape(t.shape).to(t.device)).to(t.dtype)
+        _check_result(bias.label, "the bias", folded)
+        tx.replace(t, folded)
     return unabsorbed
 
 
@@ -696,7 +727,9 @@ def _fold_directions(space: NeuronSpace, removed: Tensor, tx: Transaction) -> Di
             # The forward pass caps o at max_length: the excess is not absorbed.
             clamped = True
             unabsorbed += float((new - act.activation.max_length).clamp_min(0).sum())
-        tx.replace(t, new.to(device=t.device, dtype=t.dtype))
+        new = new.to(device=t.device, dtype=t.dtype)
+        _check_result(length.label, "the intrinsic length", new)
+        tx.replace(t, new)
     else:
         unabsorbed += float((b * b).sum())
     for consumer in space.role(Role.WEIGHT_OUT):
@@ -710,7 +743,9 @@ def _fold_directions(space: NeuronSpace, removed: Tensor, tx: Transaction) -> Di
         view = psi.view(t.detach()).double()
         delta = torch.zeros(view.shape, dtype=torch.float64, device=device).index_add(1, groups.to(device),
                                                                                       contribution)
-        tx.replace(t, psi.shape_back(view + delta, t.shape).to(t.dtype))
+        folded = psi.shape_back(view + delta, t.shape).to(t.dtype)
+        _check_result(psi.label, "the correction", folded)
+        tx.replace(t, folded)
     return {"removed_bias": b.tolist(), "unabsorbed": unabsorbed, "clamped": clamped,
             "folded_length": length is not None, "folded_psi": space.correction_out is not None}
 
@@ -871,6 +906,10 @@ def resize(space: NeuronSpace, width: int, *, optimizer: OptimizerArg = None,
     """Grow or shrink ``space`` to ``width`` neurons (``None`` when it already has that width)."""
     width = check_count("width", width)
     current = space.width
+    if width == current:  # nothing to do, but the arguments are still checked
+        check_scale("scale", scale)
+        check_generator(generator)
+        remapper_for(optimizer, on_unknown, space)
     if width > current:
         return grow(space, width - current, optimizer=optimizer, scale=scale, generator=generator,
                     on_unknown=on_unknown)
@@ -977,36 +1016,36 @@ def downstream_first(spaces: Mapping[str, NeuronSpace]) -> List[str]:
 @full_precision
 def set_widths(spaces: Mapping[str, NeuronSpace], widths: Mapping[str, int], *, optimizer: OptimizerArg = None,
                generator: Optional[torch.Generator] = None, on_unknown: str = "raise",
-               scale: Union[float, Mapping[str, float]] = 0.01) -> List[SurgeryReport]:
+               scale: Union[float, Mapping[str, float]] = 0.01, argument: str = "widths") -> List[SurgeryReport]:
     """Resize several spaces at once, all or nothing, in the order of :func:`downstream_first`.
 
     ``widths`` maps space names (keys of ``spaces``) to new widths; every entry is checked before any
-    space changes, and a failure part-way undoes the spaces already changed.
+    space changes, and a failure part-way undoes the spaces already changed. ``argument`` is the
+    name error messages give ``widths`` (a caller's own argument name).
     """
     if not isinstance(widths, Mapping):
-        raise ValueError(f"Expected argument `widths` to be a mapping of space names to widths, but got "
+        raise ValueError(f"Expected argument `{argument}` to be a mapping of space names to widths, but got "
                          f"{type(widths).__name__}.")
     hidden = {name: sp for name, sp in spaces.items() if sp.kind == "hidden"}
     for name, width in widths.items():
         if name not in hidden:
-            raise ValueError(f"Expected the names in `widths` to be spaces of the model {sorted(hidden)}, but got "
-                             f"{name!r}.")
+            raise ValueError(f"Expected the names in `{argument}` to be spaces of the model {sorted(hidden)}, but "
+                             f"got {name!r}.")
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"Expected argument `widths` to give every space an int >= 1, but got {width!r} for "
-                             f"`{name}`.")
+            raise ValueError(f"Expected argument `{argument}` to give every space an int >= 1, but got {width!r} "
+                             f"for `{name}`.")
         space = hidden[name]
         if width < space.width and width < space.min_width:
             raise ValueError(
-                f"Expected argument `widths` to give `{name}` at least {space.min_width} neurons (a space keeps one "
-                f"neuron per group), but got {width}."
+                f"Expected argument `{argument}` to give `{name}` at least {space.min_width} neurons (a space keeps "
+                f"one neuron per group), but got {width}."
             )
     check_generator(generator)
     _check_on_unknown(on_unknown)
     touched = {name: hidden[name] for name, width in widths.items() if width != hidden[name].width}
     for space in touched.values():
         check_space(space)
-    if touched:
-        remapper_for(optimizer, on_unknown, *touched.values())
+    remapper_for(optimizer, on_unknown, *touched.values())  # checks `optimizer` even when nothing changes
     reports = []
     with atomic():
         for name in [n for n in downstream_first(hidden) if n in touched]:

@@ -183,6 +183,11 @@ def _reset_state(opt: Optimizer, param: Tensor, tx: Transaction) -> None:
         tx.delete_item(opt.state, param)
 
 
+def _finite(t: Tensor) -> bool:
+    # One reduction first (a NaN or Inf makes the sum non-finite); the element-wise test only then.
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 class StateRemapper:
     """Finds which optimizer owns each parameter and applies axis transforms to its state.
 
@@ -200,6 +205,7 @@ class StateRemapper:
         self._owner: Dict[int, Tuple[Optimizer, Mapping[str, object]]] = {}
         self._shared: Dict[int, List[str]] = {}
         self._reset: set = set()
+        self._names: Dict[int, str] = {}
         where: Dict[int, str] = {}
         for opt in self.optimizers:
             for index, group in enumerate(opt.param_groups):
@@ -221,6 +227,7 @@ class StateRemapper:
         """
         if not self.optimizers:
             return
+        self._names.update(names)
         for p in params:
             name = names.get(id(p), "<parameter>")
             if id(p) in self._shared:
@@ -265,7 +272,7 @@ class StateRemapper:
                         f"Optimizer state `{key}` of parameter `{name}` has shape {tuple(value.shape)}, "
                         f"but the parameter has shape {tuple(p.shape)}: the optimizer does not match the model."
                     )
-                if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                if isinstance(value, Tensor) and value.is_floating_point() and not _finite(value):
                     bad = int((~torch.isfinite(value)).sum())
                     raise NonFiniteError(
                         f"Optimizer state `{key}` of parameter `{name}` holds {bad} non-finite value(s); refusing "
@@ -292,12 +299,13 @@ class StateRemapper:
                 return
             state = opt.state.get(param)
             if state:
-                self._remap(state, group, rule, param, view_of, shape_back, transform, tx, inplace)
+                self._remap(state, group, rule, param, view_of, shape_back, transform, tx, inplace,
+                            self._names.get(id(param), "<parameter>"))
 
     @staticmethod
     def _remap(state: Dict[str, object], group: Mapping[str, object], rule: OptimizerRule, param: Tensor,
                view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor], transform: AxisTransform,
-               tx: Transaction, inplace: bool) -> None:
+               tx: Transaction, inplace: bool, name: str = "<parameter>") -> None:
         new_state = dict(state)
         for key, value in list(state.items()):
             if not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
@@ -327,6 +335,13 @@ class StateRemapper:
         if rule.fixup is not None:
             # Fixups may update the tensors just made in place: they are not the optimizer's old ones.
             rule.fixup(new_state, group)
+        for key, value in new_state.items():
+            if value is not state.get(key) and isinstance(value, Tensor) and value.is_floating_point() \
+                    and not _finite(value):
+                raise NonFiniteError(
+                    f"The operation would write non-finite values into optimizer state `{key}` of parameter "
+                    f"`{name}` (its values are too large for {value.dtype}); refusing it, nothing was changed."
+                )
         for key, value in new_state.items():
             if value is not state.get(key):
                 tx.set_item(state, key, value)

@@ -525,4 +525,4 @@ def apply_decision(model: SpacesArg, decision: Mapping[str, int], *, optimizer: 
     spaces = _hidden_spaces(model)
     scale = {name: float(getattr(space.owner, "growth_scale", 0.01)) for name, space in spaces.items()}
     return operations.set_widths(spaces, decision, optimizer=optimizer, generator=generator, on_unknown=on_unknown,
-                                 scale=scale)
+                                 scale=scale, argument="decision")

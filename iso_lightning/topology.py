@@ -14,7 +14,8 @@ and loads, all or nothing. Records of iso_lightning 0.1 (one entry per network, 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+import functools
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -152,7 +153,20 @@ def reshape(spaces: Mapping[str, NeuronSpace], entries: Mapping[str, Entry]) -> 
 
     Tensors keep their identity; gradients of resized tensors are dropped. All or nothing: a
     failure (a record too large to allocate) leaves the model as it was and raises ``ValueError``.
+    A space with a parametrized tensor (``weight_norm``) is refused before anything changes.
     """
+    for name, entry in entries.items():
+        space = spaces[name]
+        if _entry(space) == dict(entry):
+            continue
+        for b in space.bindings:
+            if b.role != Role.BIAS_OUT and nn.utils.parametrize.is_parametrized(b.module, b.name):
+                kind = type(b.module.parametrizations[b.name][0]).__name__  # type: ignore[index]
+                raise ValueError(
+                    f"Space `{name}`: tensor `{b.label}` is parametrized ({kind}), so it cannot be resized to the "
+                    "topology record. Remove the parametrization first "
+                    "(`torch.nn.utils.parametrize.remove_parametrizations`)."
+                )
     with atomic() as tx:
         try:
             for t, shape in planned_shapes(spaces, entries).values():
@@ -247,7 +261,39 @@ def load_state_dict_resized(module: nn.Module, state_dict: Mapping[str, Any], st
     if mismatched:
         raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__} (nothing was changed):\n\t"
                            + "\n\t".join(mismatched))
-    with atomic():
+    reshaped = {id(t) for t, shape in planned_shapes(spaces, changes).values() if list(t.shape) != shape}
+    with atomic() as tx:
         reshape(spaces, changes)
+        _undo_loading(module, own, state_dict, reshaped, tx)
         return load(state_dict, strict=strict, **kwargs)
+
+
+def _undo_loading(module: nn.Module, own: Mapping[str, Any], state_dict: Mapping[str, Any], reshaped: Set[int],
+                  tx: Transaction) -> None:
+    """Make a failure part-way through ``load`` undoable: it copies values into tensors in place (and,
+    with ``assign=True``, swaps tensor objects), which the undo log does not see.
+
+    Tensors that :func:`reshape` replaced need nothing (their old storage comes back); the others
+    are saved, and every module's parameter and buffer entries are remembered.
+    """
+    seen: Set[int] = set()
+    for key, t in own.items():  # the module's state dict, tensors kept as they are
+        if key not in state_dict or not isinstance(t, Tensor) or id(t) in seen or id(t) in reshaped:
+            continue
+        seen.add(id(t))
+        tx.on_rollback(functools.partial(_copy_back, t, t.detach().clone()))
+    for sub in module.modules():
+        entries = (sub._parameters, sub._buffers)
+        tx.on_rollback(functools.partial(_restore_entries, entries, tuple(dict(e) for e in entries)))
+
+
+def _copy_back(t: Tensor, saved: Tensor) -> None:
+    with torch.no_grad():
+        t.detach().copy_(saved)
+
+
+def _restore_entries(entries: Tuple[Dict[str, Any], ...], saved: Tuple[Dict[str, Any], ...]) -> None:
+    for current, old in zip(entries, saved):
+        current.clear()
+        current.update(old)
 
