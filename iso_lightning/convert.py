@@ -6,7 +6,8 @@ optimizer exactly as they were (a declaration only tells the library which tenso
 - :func:`convert` finds every ``Linear -> activation -> Linear`` (or ``Conv -> activation -> Conv``)
   chain in the model's ``nn.Sequential`` containers, optionally with dropout between, and declares
   a space on each: ``nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4))`` gets the space
-  ``"hidden.0"``.
+  ``"hidden.0"``. The activation is one of ``torch.nn``'s activation modules or an
+  :class:`~iso_lightning.IsotropicActivation`; a norm or a reshape between two layers is no chain.
 - :func:`declare_space` declares one space on a custom module by the paths of its submodules, for
   a block whose ``forward`` calls ``fc1``, ``act`` and ``fc2``.
 
@@ -21,10 +22,11 @@ is loaded.
 
 from __future__ import annotations
 
-from typing import List, Tuple, TypeVar, Union
+from typing import List, Optional, Tuple, TypeVar, Union
 
 from torch import Tensor, nn
 
+from iso_lightning.activations import IsotropicActivation
 from iso_lightning.layers import IsoConv2d, IsoLinear
 from iso_lightning.providers import DECLARATIONS, SpaceDeclaration, declared_spaces
 from iso_lightning.spaces import NeuronSpace, dense_space
@@ -113,6 +115,13 @@ def declare_space(module: nn.Module, producer: str, consumer: str, activation: U
     return declared_spaces(module)[name]
 
 
+def _is_activation(module: nn.Module) -> bool:
+    """An activation module: one of ``torch.nn``'s activations or an isotropic one (not a norm, a reshape, ...)."""
+    if isinstance(module, IsotropicActivation):
+        return True
+    return type(module).__module__ == nn.modules.activation.__name__ and not isinstance(module, nn.MultiheadAttention)
+
+
 def _chains(container: nn.Sequential) -> List[Tuple[str, str, str]]:
     """``(producer, activation, consumer)`` child names of every layer -> activation -> layer chain."""
     children = list(container.named_children())
@@ -121,7 +130,7 @@ def _chains(container: nn.Sequential) -> List[Tuple[str, str, str]]:
         if not isinstance(layer, _DENSE + _CONV):
             continue
         j = i + 1
-        if j >= len(children) or isinstance(children[j][1], _DENSE + _CONV + _PASS_THROUGH):
+        if j >= len(children) or not _is_activation(children[j][1]):
             continue
         act_name, act = children[j]
         k = j + 1
@@ -139,7 +148,10 @@ def convert(model: _M, *, skip_unsupported: bool = False) -> _M:
 
     The spaces of one container are named ``"hidden.0"``, ``"hidden.1"``, ... in order (found as
     ``"<container path>.hidden.<k>"``). An activation that cannot form a space (``f(0) != 0``, or
-    not elementwise) raises ``ValueError`` naming it, unless ``skip_unsupported``.
+    not elementwise) raises ``ValueError`` naming it, and nothing is declared, unless
+    ``skip_unsupported`` (then that chain is left as it is). A model with no such chain at all
+    raises ``ValueError``. Converting a model again declares only the chains it does not declare
+    yet.
 
     Example:
         >>> import torch
@@ -150,18 +162,38 @@ def convert(model: _M, *, skip_unsupported: bool = False) -> _M:
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
+    chains = 0
+    before: List[Tuple[nn.Module, Optional[List[SpaceDeclaration]]]] = []
     for path, container in model.named_modules():
         if not isinstance(container, nn.Sequential):
             continue
-        count = len(getattr(container, DECLARATIONS, []))
+        declared = getattr(container, DECLARATIONS, None)
+        before.append((container, declared))
+        count = len(declared or [])
         for producer, act, consumer in _chains(container):
+            chains += 1
+            if any(d.producer == producer for d in declared or []):
+                continue  # converted before
             try:
                 declare_space(container, producer, consumer, act, name=f"hidden.{count}")
             except ValueError as err:
                 if skip_unsupported:
                     continue
+                for module, old in before:  # all or nothing: drop what this call declared
+                    if old is None:
+                        module.__dict__.pop(DECLARATIONS, None)
+                    else:
+                        setattr(module, DECLARATIONS, old)
                 where = f"{path}.{act}" if path else act
-                raise ValueError(f"Cannot convert the chain at `{where}`: {err}") from None
+                kind = type(container.get_submodule(act)).__name__
+                raise ValueError(f"Cannot convert the chain at `{where}` ({kind}): {err}") from None
             count += 1
+    if not chains:
+        raise ValueError(
+            f"Expected {type(model).__name__} to contain a Linear -> activation -> Linear (or Conv -> activation -> "
+            "Conv) chain in an nn.Sequential (the activation one of torch.nn's activation modules or an "
+            "IsotropicActivation), but found none: there is nothing to convert. Declare the spaces of a custom module "
+            "with `iso_lightning.declare_space`."
+        )
     return model
 

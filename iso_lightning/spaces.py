@@ -227,18 +227,23 @@ class ElementwiseSpaceActivation(SpaceActivation):
 
     def __init__(self, module: nn.Module) -> None:
         info = ELEMENTWISE_ACTIVATIONS.get(type(module))
+        at_zero: Optional[Tensor] = None
+        if info is not None or type(module).__module__ == nn.modules.activation.__name__:
+            try:  # f(0) first: the reason a sigmoid or softplus cannot form a space
+                with torch.no_grad():
+                    at_zero = module(torch.zeros(3, dtype=torch.float64))
+            except Exception:
+                at_zero = None
+        if isinstance(at_zero, Tensor) and at_zero.numel() and bool((at_zero != 0).any()):
+            raise ValueError(
+                f"Expected an activation with f(0) = 0, but {module!r} gives f(0) = {float(at_zero.flatten()[0]):g}: "
+                "a grown neuron would change the output. Such activations cannot form a neuron space."
+            )
         if info is None:
             supported = sorted(c.__name__ for c in ELEMENTWISE_ACTIVATIONS)
             raise ValueError(
                 f"Expected an activation of a neuron space to be an IsotropicActivation or one of {supported}, "
                 f"but got {type(module).__name__}."
-            )
-        with torch.no_grad():
-            at_zero = module(torch.zeros(3, dtype=torch.float64))
-        if bool((at_zero != 0).any()):
-            raise ValueError(
-                f"Expected an activation with f(0) = 0, but {module!r} gives f(0) = {float(at_zero[0]):g}: a grown "
-                "neuron would change the output. Such activations cannot form a neuron space."
             )
         self.module = module
         slope = getattr(module, "negative_slope", None)
