@@ -17,6 +17,7 @@ from iso_lightning.datamodules import (
 from iso_lightning.errors import NonFiniteError
 from iso_lightning.ffn import IsotropicFFN
 from iso_lightning.functional import PROFILES, isotropic, isotropic_with_scale, radial_scale
+from iso_lightning.gpt import CharGPT
 from iso_lightning.layers import (
     INITS,
     PSI_MODES,
@@ -45,6 +46,7 @@ from iso_lightning.policies import (
 )
 from iso_lightning.providers import NeuronSpaceProvider, find_spaces
 from iso_lightning.spaces import Binding, NeuronSpace, Role
+from iso_lightning.text import TextDataModule
 from iso_lightning.topology import TOPOLOGY_KEY, load_state_dict_resized
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "Binding",
     "CIFAR100DataModule",
     "CIFAR10DataModule",
+    "CharGPT",
     "CompositePolicy",
     "DenseRotation",
     "DynamicTopologyCallback",
@@ -89,6 +92,7 @@ __all__ = [
     "SparsifyReport",
     "StateRemapper",
     "SurgeryReport",
+    "TextDataModule",
     "TopologyPolicy",
     "UnsupportedOptimizerError",
     "WidthSchedulePolicy",

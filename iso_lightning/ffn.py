@@ -13,21 +13,64 @@ Layer norms sit on the residual stream, outside the block, so they do not break 
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iso_lightning import operations
 from iso_lightning._validation import check_choice, check_int
 from iso_lightning.activations import IsotropicActivation
-from iso_lightning.functional import PROFILES, scaled_squared_norm
+from iso_lightning.functional import PROFILES, isotropic_with_scale, scaled_squared_norm
 from iso_lightning.layers import INITS, PSI_MODES, IsoLinear, init_weight
 from iso_lightning.operations import SurgeryReport, check_scale
 from iso_lightning.optim import OptimizerArg
 from iso_lightning.spaces import NeuronSpace, dense_space, space_activation
 
 __all__ = ["IsotropicFFN"]
+
+#: The blocked layout (see :meth:`IsotropicFFN.forward`) is used while its padding adds at most this
+#: fraction of the width; past it the larger matrix products cost more than the gathers they avoid.
+BLOCKED_PADDING = 0.5
+
+
+class _Layout(NamedTuple):
+    """Where the blocked layout puts the neurons: slot ``r * groups + g`` holds the ``r``-th neuron of
+    group ``g``. ``slots[k]`` is the neuron in slot ``k`` (``width`` for a padding slot), or ``None``
+    when slot ``k`` holds neuron ``k`` and the ``padding`` last slots are empty."""
+
+    slots: Optional[Tensor]
+    padding: int
+    groups: int
+    size: int
+
+
+def _blocked_layout(index: Tensor) -> Optional[_Layout]:
+    width = index.numel()
+    if width == 0:
+        return None
+    groups = int(index.max()) + 1
+    sizes = torch.bincount(index, minlength=groups)
+    size = int(sizes.max())
+    if groups * size > width * (1 + BLOCKED_PADDING):
+        return None
+    order = torch.argsort(index, stable=True)
+    sorted_groups = index[order]
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(width, device=index.device) - starts[sorted_groups]
+    slots = torch.full((groups * size,), width, dtype=torch.long, device=index.device)
+    slots[rank * groups + sorted_groups] = order
+    padding = groups * size - width
+    if bool((slots[:width] == torch.arange(width, device=index.device)).all()):
+        return _Layout(None, padding, groups, size)
+    return _Layout(slots, padding, groups, size)
+
+
+def _interleaved(width: int, group_size: int) -> List[int]:
+    """Groups of at most ``group_size`` neurons (as equal as they can be), neuron ``i`` in group ``i mod groups``."""
+    groups = -(-width // group_size)
+    return [i % groups for i in range(width)]
 
 
 class IsotropicFFN(nn.Module):
@@ -39,7 +82,9 @@ class IsotropicFFN(nn.Module):
         activation: an isotropic profile (``"tanh"``, ``"softsign"``, ``"gelu"``, ``"swish"``), used
             over groups of ``group_size`` neurons, or an elementwise module with ``f(0) = 0``
             (``nn.GELU()``, ``nn.SiLU()``, ``nn.ReLU()``, ...).
-        group_size: neurons per group of an isotropic activation (``None``: one group).
+        group_size: neurons per group of an isotropic activation (``None``: one group). The
+            ``ceil(d_hidden / group_size)`` groups are interleaved: neuron ``i`` is in group
+            ``i mod groups`` (any assignment is the same model up to a permutation of the neurons).
         length: intrinsic length mode of an isotropic activation (``"none"``, ``"constant"``, ``"trainable"``).
         psi: linear correction mode (isotropic activations only), as for :class:`~iso_lightning.IsotropicMLP`.
         psi_decay: weight of :meth:`regularisation` for ``psi="decay"``.
@@ -70,7 +115,11 @@ class IsotropicFFN(nn.Module):
             raise ValueError(f"Expected argument `dropout` to be a number in [0, 1), but got {dropout!r}.")
         if isinstance(activation, str):
             check_choice("activation", activation, sorted(PROFILES))
-            act: nn.Module = IsotropicActivation(d_hidden, profile=activation, length=length, group_size=group_size)
+            check_int("group_size", group_size, 1, optional=True)
+            # Neuron i joins group i mod groups: the forward pass's blocked layout is then the
+            # neurons' own order (no gather), and growth, which fills the smallest groups, keeps it.
+            partition = None if group_size is None else _interleaved(d_hidden, group_size)
+            act: nn.Module = IsotropicActivation(d_hidden, profile=activation, length=length, partition=partition)
         elif isinstance(activation, nn.Module):
             if group_size is not None or length != "none" or psi != "none":
                 raise ValueError("Expected `group_size`, `length` and `psi` at their defaults for an elementwise "
@@ -93,6 +142,16 @@ class IsotropicFFN(nn.Module):
         self.psi_mode = psi
         self.psi_decay = check_scale("psi_decay", psi_decay)
         self.growth_scale = check_scale("growth_scale", growth_scale)
+        # The blocked layout of the current group index, with the index (and its version) it is of.
+        self._layout: Optional[_Layout] = None
+        self._layout_index: Optional[Tensor] = None
+        self._layout_version = -1
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # A copy or an unpickled module computes its own layout: identity is not kept across them.
+        state = self.__dict__.copy()
+        state.update(_layout=None, _layout_index=None, _layout_version=-1)
+        return state
 
     @property
     def width(self) -> int:
@@ -100,11 +159,63 @@ class IsotropicFFN(nn.Module):
         return int(self.fc1.weight.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.fc1(x)
-        if isinstance(self.act, IsotropicActivation):
-            h, s = self.act.forward_with_scale(z)
-            return self.fc2(self.dropout(h), s)
-        return self.fc2(self.dropout(self.act(z)))
+        """``fc2(f(fc1(x)))`` on ``(..., d_model)`` (with dropout on the hidden activations when asked for).
+
+        A grouped isotropic activation without intrinsic length is computed in a *blocked layout*:
+        the hidden vector is a ``(neurons per group, groups)`` array, shorter groups padded with
+        zeros, and every group norm is a sum down one column. The interleaved groups of a new
+        block, and growth, keep the neurons in that order; after other changes the rows of ``fc1``
+        and columns of ``fc2`` are gathered into it (the weights are much smaller than the
+        activations). It is the same function (padding contributes exact zeros; results differ by
+        float round-off only) without the scatter and gather over the hidden activations that
+        per-neuron group indices need, which cost more than the activation itself. The parameters
+        keep their order, so neuron operations and optimizers see no difference; forward hooks on
+        ``fc1``, ``act`` and ``fc2`` do not run in this layout (hook the block itself).
+        """
+        act = self.act
+        if isinstance(act, IsotropicActivation):
+            layout = self._current_layout()
+            if layout is not None:
+                return self._forward_blocked(x, act, layout)
+            h, s = act.forward_with_scale(self.fc1(x))
+            return self.fc2(self._drop(h), s)
+        return self.fc2(self._drop(act(self.fc1(x))))
+
+    def _drop(self, h: Tensor) -> Tensor:
+        # Dropout(0) is the identity; skipping the module call matters in small blocks.
+        return self.dropout(h) if self.dropout.p > 0 else h
+
+    def _current_layout(self) -> Optional[_Layout]:
+        act = self.act
+        if not isinstance(act, IsotropicActivation) or act.group_index is None or act.length is not None:
+            return None
+        index = act.group_index
+        # Neuron operations replace the index; its version counts in-place edits (a state-dict load,
+        # a DDP buffer broadcast, a move to another device).
+        if index is not self._layout_index or index._version != self._layout_version:
+            self._layout, self._layout_index, self._layout_version = _blocked_layout(index), index, index._version
+        return self._layout
+
+    def _forward_blocked(self, x: Tensor, act: IsotropicActivation, layout: _Layout) -> Tensor:
+        w1: Tensor = self.fc1.weight
+        b1: Tensor = self.fc1.bias
+        w2: Tensor = self.fc2.weight
+        if layout.slots is not None or layout.padding:
+            pad = layout.padding if layout.slots is None else 1
+            w1 = torch.cat([w1, w1.new_zeros(pad, w1.shape[1])])
+            b1 = torch.cat([b1, b1.new_zeros(pad)])
+            w2 = torch.cat([w2, w2.new_zeros(w2.shape[0], pad)], dim=1)
+            if layout.slots is not None:
+                w1, b1, w2 = w1.index_select(0, layout.slots), b1.index_select(0, layout.slots), \
+                    w2.index_select(1, layout.slots)
+        # Groups along the last axis, the neurons of each along the one before it: a group norm is a
+        # sum down a column, across rows of contiguous (vectorised) memory.
+        z = F.linear(x, w1, b1).unflatten(-1, (layout.size, layout.groups))
+        h, s = isotropic_with_scale(z, -2, act.profile)
+        y = F.linear(self._drop(h.flatten(-2)), w2, self.fc2.bias)
+        if self.fc2.correction is not None:
+            y = y + F.linear(s.squeeze(-2), self.fc2.correction)
+        return y
 
     def hidden_output(self, x: Tensor) -> Tensor:
         """The hidden activations for inputs ``x``, as ``(..., width)``."""
