@@ -204,9 +204,10 @@ print("DECISIONS", len(callback.events))
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_console_lines_stand_alone_and_are_printed_once(tmp_path, dry_run):
     code = CONSOLE_SCRIPT.format(tests=str(Path(__file__).parent), dry_run=dry_run)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env=dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "topology_events.csv").exists()  # the run's files went to its own directory
     text = proc.stdout + proc.stderr
     events = int(proc.stdout.split("DECISIONS ")[1].split()[0])
     assert events > 0
