@@ -13,16 +13,23 @@ Arms, interleaved (one run of each per round, the order alternating), median of 
   the network it trains is a different one).
 
 Model: ``IsotropicClassifier(hidden=[256, 256])``, batch 48, no validation, 2 threads.
+
+Then one more ``dry_run`` fit with the callback's hooks timed inside the fit (a ratio within one run,
+so it does not depend on the machine's load): the callback's share of the fit, split into what it
+costs per epoch (spectra, policy, logs, the per-batch hooks) and once at fit end (``topology.png``).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import os
 import statistics
 import tempfile
 import time
 import warnings
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -50,12 +57,31 @@ def data(samples: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=48, shuffle=True, generator=torch.Generator().manual_seed(0))
 
 
-def fit(arm: str, loader: DataLoader, epochs: int) -> float:
+def _timed(callback: DynamicTopologyCallback, spent: collections.Counter) -> DynamicTopologyCallback:
+    """Wrap every hook ``callback``'s class defines so that ``spent[hook]`` sums its seconds."""
+    for name in dir(pl.Callback):
+        if name.startswith(("on_", "setup", "teardown")) and name in type(callback).__dict__:
+            hook = getattr(callback, name)
+
+            @functools.wraps(hook)
+            def timed(*args, _hook=hook, _name=name, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _hook(*args, **kwargs)
+                finally:
+                    spent[_name] += time.perf_counter() - start
+
+            setattr(callback, name, timed)
+    return callback
+
+
+def fit(arm: str, loader: DataLoader, epochs: int, spent: Optional[collections.Counter] = None) -> float:
     pl.seed_everything(0, verbose=False)
     model = IsotropicClassifier(hidden=[256, 256])
     callbacks = []
     if arm == "dry_run":
-        callbacks.append(DynamicTopologyCallback(ScaffoldPolicy(0.95, 5), dry_run=True, verbose=0))
+        callback = DynamicTopologyCallback(ScaffoldPolicy(0.95, 5), dry_run=True, verbose=0)
+        callbacks.append(callback if spent is None else _timed(callback, spent))
     elif arm == "adapt":
         callbacks.append(DynamicTopologyCallback(WidthSchedulePolicy(targets=256 + epochs, start_epoch=0,
                                                                      end_epoch=epochs), verbose=0))
@@ -90,6 +116,18 @@ def main(argv=None) -> None:
         ratios = sorted(t / n for t, n in zip(times[arm], times["none"]))
         print(f"callback {arm} (deciding every epoch) / no callback: {statistics.median(ratios):.4f} "
               f"(per-round ratios {', '.join(f'{v:.4f}' for v in ratios)})")
+    spent: collections.Counter = collections.Counter()
+    total = fit("dry_run", loader, epochs, spent)
+    once = spent["on_fit_end"]
+    per_epoch = (sum(spent.values()) - once) / epochs
+    share = per_epoch * epochs / total  # the per-epoch costs' share of the fit
+    print(f"callback hooks timed inside one dry_run fit of {total:.2f} s: {100 * sum(spent.values()) / total:.2f} % "
+          f"of the fit; per epoch {per_epoch * 1e3:.1f} ms = {100 * share:.2f} % of an epoch; once at fit end "
+          f"(the figure) {once * 1e3:.0f} ms")
+    if share < 0.01:
+        print(f"the callback stays under 1 % of fits longer than {once / (0.01 - share):.0f} s")
+    for name, seconds in spent.most_common(4):
+        print(f"  {name}: {seconds * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

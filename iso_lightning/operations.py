@@ -42,10 +42,11 @@ with :math:`L_f` a bound on :math:`|f'|`; a ``probe`` measures the actual change
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -398,6 +399,20 @@ def _probe(space: NeuronSpace, probe: Optional[Tensor]) -> Optional[Tensor]:
     return probe_outputs(owner, probe, f" (the module that owns `{space.name}`)")
 
 
+@contextlib.contextmanager
+def evaluating(owner: Optional[nn.Module]) -> Iterator[None]:
+    """Run ``owner`` in eval mode, every submodule's mode restored after: a probe or an expectation
+    batch must not see dropout (two runs would differ) or update batch-norm statistics."""
+    modes = [] if owner is None else [(m, m.training) for m in owner.modules()]
+    if owner is not None:
+        owner.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def probe_outputs(owner: nn.Module, probe: Any, whose: str = "") -> Tensor:
     """``owner(probe)``, detached, in eval mode: what an operation's measured error compares; ``probe`` is
     checked first."""
@@ -405,10 +420,7 @@ def probe_outputs(owner: nn.Module, probe: Any, whose: str = "") -> Tensor:
         raise ValueError(f"Expected argument `probe` to be a tensor of inputs, but got {type(probe).__name__}.")
     if probe.is_floating_point() and not bool(torch.isfinite(probe).all()):
         raise NonFiniteError("Expected argument `probe` to hold finite inputs, but it holds NaN or Inf.")
-    # In eval mode: dropout would make the two runs differ, and batch norms would update their statistics.
-    modes = [(m, m.training) for m in owner.modules()]
-    owner.eval()
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(owner):
         try:
             out = owner(probe)
         except Exception as err:  # a wrong shape or dtype: name the argument, not the layer
@@ -416,9 +428,6 @@ def probe_outputs(owner: nn.Module, probe: Any, whose: str = "") -> Tensor:
                 f"Expected argument `probe` to be a batch of inputs of {type(owner).__name__}{whose}, but it has "
                 f"shape {tuple(probe.shape)} and running it failed: {err}"
             ) from None
-        finally:
-            for module, mode in modes:
-                module.training = mode
     if not isinstance(out, Tensor):
         raise ValueError(f"Expected {type(owner).__name__} to return a tensor for `probe`, but got "
                          f"{type(out).__name__}.")
@@ -446,7 +455,7 @@ def _expectation(space: NeuronSpace, inputs: Any) -> Tensor:
                          "activations.")
     if any(b.tensor.dim() != 2 or b.inner != 1 for b in space.role(Role.WEIGHT_OUT)):
         raise ValueError("Expected a dense layer after the space for `expectation`; the next layer is not one.")
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(space.owner):
         try:
             h = space.hidden(inputs)
         except Exception as err:
@@ -775,7 +784,8 @@ def shrink(space: NeuronSpace, n: int = 1, *, optimizer: OptimizerArg = None, pr
     instead of the psi fold: the removed neurons' mean output over those inputs, :math:`W_{out}[:, k]\,
     \mathbb{E}[h_k]`, is added to the next bias. It needs no psi, is exact only for outputs that do
     not vary, and its error estimate is :math:`\lVert W_{out}[:, removed] \rVert` times the removed
-    outputs' standard deviation. Only for a dense next layer.
+    outputs' standard deviation. Only for a dense next layer. Probe and expectation batches run the owner
+    in eval mode (no dropout, batch-norm statistics untouched), its modes restored after.
     """
     n = check_count("n", n)
     if space.activation is None:

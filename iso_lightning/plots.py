@@ -59,7 +59,8 @@ def topology_figure(history: Sequence[Mapping[str, Any]], events: Sequence[Mappi
             values = list(record["singular_values"])
             xs += [record["epoch"]] * len(values)
             ys += values
-        scatter = ax.scatter(xs, ys, c=ys, cmap="viridis", s=6, alpha=0.8)
+        # The colour repeats the value (the y axis), which keeps the weak directions visible; no colour bar.
+        ax.scatter(xs, ys, c=ys, cmap="viridis", s=6)
         if threshold is not None:
             ax.axhline(threshold, color="crimson", linewidth=0.8, linestyle="--", label=f"threshold {threshold:g}")
             ax.legend(fontsize=7, loc="upper right")
@@ -68,7 +69,6 @@ def topology_figure(history: Sequence[Mapping[str, Any]], events: Sequence[Mappi
         ax.grid(alpha=0.3)
         if row == rows - 1:
             ax.set_xlabel("epoch")
-        fig.colorbar(scatter, ax=ax, pad=0.01)
     if not spaces:
         widths_ax.text(0.5, 0.5, "no snapshots", ha="center", va="center", transform=widths_ax.transAxes)
     return fig

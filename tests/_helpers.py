@@ -1,11 +1,17 @@
 """Small models and data shared by the Lightning tests and the scripts they launch."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from iso_lightning import IsotropicMLP
+from iso_lightning import IsotropicMLP, TopologyPolicy
 from iso_lightning.mixin import IsotropicModuleMixin
 
 
@@ -72,3 +78,39 @@ class FlatClassifier(IsotropicModuleMixin, pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class Oscillate(TopologyPolicy):
+    """Grow every space by ``grow``, then shrink it by ``shrink``, alternately: a change at every decision."""
+
+    def __init__(self, grow=2, shrink=1):
+        super().__init__()
+        self.grow, self.shrink, self.calls = grow, shrink, 0
+
+    def propose(self, spaces, context):
+        self.calls += 1
+        return {name: info.width + (self.grow if self.calls % 2 else -self.shrink) for name, info in spaces.items()}
+
+    def state_dict(self):
+        return {**super().state_dict(), "calls": self.calls}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.calls = int(state.get("calls", 0))
+
+
+def run_two_ranks(script, tmp_path, *args, timeout=300):
+    """Run a 2-rank fit ``script`` (it writes ``rank0.pt`` and ``rank1.pt`` into ``tmp_path``) in its own
+    process group; past ``timeout`` seconds kill it and fail naming a likely hang. The two results."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the 2-rank fit {os.path.basename(str(script))} {list(args)} did not finish within {timeout} s "
+                    f"(a hang: a collective that only some ranks reached?). Its last output:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-4000:]
+    return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in (0, 1)]

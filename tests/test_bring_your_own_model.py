@@ -433,6 +433,26 @@ def test_a_probe_measures_in_eval_mode_and_leaves_the_training_state_alone():
     assert torch.equal(model[4].running_mean, stats[0]) and int(model[4].num_batches_tracked) == stats[1]
 
 
+def test_an_expectation_batch_runs_in_eval_mode_and_leaves_the_training_state_alone():
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)))
+    x, _ = data()
+    model.train()
+    stats = model[0].running_mean.clone(), int(model[0].num_batches_tracked)
+    space = find_spaces(model)["hidden.0"]
+    with torch.no_grad():  # the fold uses the activations of the model as it predicts (running statistics)
+        model.eval()
+        expected = model[2](model[1](model[0](x))).double().mean(0)
+        model.train()
+    weakest = int(torch.linalg.vector_norm(model[1].weight.detach(), dim=1).argmin())
+    bias = model[3].bias.detach().double() + model[3].weight.detach().double()[:, weakest] * expected[weakest]
+    report = operations.shrink(space, 1, expectation=x)
+    assert report.details["neurons"] == [weakest] and report.details["expectation_fold"]
+    close(model[3].bias.detach().double(), bias)
+    assert all(m.training for m in model.modules())
+    assert torch.equal(model[0].running_mean, stats[0]) and int(model[0].num_batches_tracked) == stats[1]
+
+
 # ------------------------------------------------------------------ 3: the declaration helper
 def test_declared_blocks_grow_exactly_and_shrink_with_a_probe():
     net = DeclaredNet()

@@ -6,30 +6,17 @@ Every run is a subprocess in its own session with a deadline: a hang fails the t
 
 import glob
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import run_two_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 
 
 def run(tmp_path, *args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"the 2-rank fit {list(args)} did not finish within {timeout} s (a hang: a collective that "
-                    f"only some ranks reached?). Its last output:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-4000:]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return run_two_ranks(SCRIPT, tmp_path, *args, timeout=timeout)
 
 
 def assert_identical(rank0, rank1):

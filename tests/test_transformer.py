@@ -13,14 +13,12 @@ import importlib.util
 import math
 import os
 import random
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from _helpers import Oscillate, run_two_ranks
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from iso_lightning import (
@@ -28,7 +26,6 @@ from iso_lightning import (
     DynamicTopologyCallback,
     IsotropicFFN,
     TextDataModule,
-    TopologyPolicy,
     apply_decision,
     describe,
     operations,
@@ -85,23 +82,6 @@ def assert_state_matches(optimizer):
                 assert optimizer.state[p][key].shape == p.shape, key
 
 
-class Oscillate(TopologyPolicy):
-    """Grow every space by 3, then shrink it by 2, alternately: a change at every decision."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def propose(self, spaces, context):
-        self.calls += 1
-        return {name: info.width + (3 if self.calls % 2 else -2) for name, info in spaces.items()}
-
-    def state_dict(self):
-        return {**super().state_dict(), "calls": self.calls}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.calls = int(state.get("calls", 0))
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -256,7 +236,7 @@ def test_generate_predict_and_vocabulary(tmp_path):
 def fit(tmp_path, name, text, epochs, ckpt_path=None):
     dm = TextDataModule(text, block_size=16, batch_size=8, val_fraction=0.1, samples_per_epoch=64, val_windows=8)
     model = tiny_model(dm.vocab_size)
-    callback = DynamicTopologyCallback(Oscillate(), every_n_epochs=None, every_n_steps=3, verbose=0)
+    callback = DynamicTopologyCallback(Oscillate(3, 2), every_n_epochs=None, every_n_steps=3, verbose=0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / name / "ckpt", save_last=True)
     trainer = pl.Trainer(default_root_dir=tmp_path / name, max_epochs=epochs, callbacks=[callback, checkpoint],
                          logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
@@ -321,24 +301,9 @@ def test_the_cli_config_trains_with_changes(tmp_path, capsys, caplog):
     assert len(bpc) == 2 and bpc[1] < bpc[0] < math.log2(len(vocab)) + 0.1  # it learns from the uniform guess
 
 
-def run_ddp(tmp_path, *args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, str(DDP_SCRIPT), str(tmp_path), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"the 2-rank CharGPT fit {list(args)} did not finish within {timeout} s (a hang: a collective "
-                    f"that only some ranks reached?). Its last output:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-4000:]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-
-
 @pytest.mark.slow
 def test_ddp_ranks_stay_identical_across_ffn_changes(tmp_path):
-    rank0, rank1 = run_ddp(tmp_path, "--steps", "24", "--every", "3")
+    rank0, rank1 = run_two_ranks(DDP_SCRIPT, tmp_path, "--steps", "24", "--every", "3")
     assert len(rank0["events"]) >= 2 * 7 and {e["op"] for e in rank0["events"]} == {"grow", "shrink"}
     assert rank0["events"] == rank1["events"] and rank0["widths"] == rank1["widths"]
     assert rank0["widths"] != {"blocks.0.ffn.hidden": 24, "blocks.1.ffn.hidden": 24}

@@ -19,11 +19,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _helpers import IsoModule, blobs  # noqa: E402
+from _helpers import IsoModule, Oscillate, blobs  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import iso_lightning.operations as operations  # noqa: E402
-from iso_lightning import DynamicTopologyCallback, TopologyPolicy  # noqa: E402
+from iso_lightning import DynamicTopologyCallback  # noqa: E402
 
 
 class Module(IsoModule):
@@ -33,21 +33,6 @@ class Module(IsoModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
-class Oscillate(TopologyPolicy):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def propose(self, spaces, context):
-        self.calls += 1
-        return {name: info.width + (2 if self.calls % 2 else -1) for name, info in spaces.items()}
-
-    def state_dict(self):
-        return {**super().state_dict(), "calls": self.calls}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.calls = int(state.get("calls", 0))
 
 
 def arm(kill_at):

@@ -20,22 +20,10 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _helpers import IsoModule, blobs  # noqa: E402
+from _helpers import IsoModule, Oscillate, blobs  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from iso_lightning import DynamicTopologyCallback, ScaffoldPolicy, TopologyPolicy  # noqa: E402
-
-
-class Oscillate(TopologyPolicy):
-    """Grow every space by 2, then shrink it by 1, alternately: a topology event at every call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def propose(self, spaces, context):
-        self.calls += 1
-        return {name: info.width + (2 if self.calls % 2 else -1) for name, info in spaces.items()}
+from iso_lightning import DynamicTopologyCallback, ScaffoldPolicy  # noqa: E402
 
 
 def snapshot(model, callback):

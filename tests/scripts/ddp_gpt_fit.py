@@ -11,27 +11,21 @@ widths, events, optimizer-state and parameter shapes) at the end of ``fit``.
 import argparse
 import os
 import random
+import sys
 import warnings
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from iso_lightning import CharGPT, DynamicTopologyCallback, TextDataModule, TopologyPolicy
+from iso_lightning import CharGPT, DynamicTopologyCallback, TextDataModule
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _helpers import Oscillate  # noqa: E402
 
 WORDS = "thou art the king and she is fair but what light through yonder window breaks".split()
 
 
-class Oscillate(TopologyPolicy):
-    """Grow every space by 3, then shrink it by 2, alternately: a change at every decision."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def propose(self, spaces, context):
-        self.calls += 1
-        return {name: info.width + (3 if self.calls % 2 else -2) for name, info in spaces.items()}
 
 
 class SaveFinal(Callback):
@@ -64,7 +58,7 @@ def main():
     dm = TextDataModule(path, block_size=16, batch_size=4, samples_per_epoch=64, val_windows=4)
     model = CharGPT(vocab_size=dm.vocab_size, block_size=16, d_model=16, n_layers=2, n_heads=2, d_hidden=24,
                     group_size=4)
-    callback = DynamicTopologyCallback(Oscillate(), every_n_epochs=None, every_n_steps=args.every, verbose=0)
+    callback = DynamicTopologyCallback(Oscillate(3, 2), every_n_epochs=None, every_n_steps=args.every, verbose=0)
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False, max_steps=args.steps,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=args.out, callbacks=[callback, SaveFinal(args.out, callback)])
