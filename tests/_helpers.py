@@ -1,14 +1,17 @@
 """Small models and data shared by the Lightning tests and the scripts they launch."""
 
+import math
 import os
 import signal
 import subprocess
 import sys
+from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from iso_lightning import IsotropicMLP, TopologyPolicy
@@ -114,3 +117,69 @@ def run_two_ranks(script, tmp_path, *args, timeout=300):
                     f"(a hang: a collective that only some ranks reached?). Its last output:\n{err[-3000:]}")
     assert proc.returncode == 0, err[-4000:]
     return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in (0, 1)]
+
+
+# ---------------------------------------------------------------------------- state snapshots
+def _tensor(t: Optional[Tensor]) -> Any:
+    if t is None:
+        return None
+    flat = t.detach().clone().contiguous().reshape(-1)
+    return ("tensor", tuple(t.shape), t.dtype, t.device, flat.view(torch.uint8) if flat.numel() else flat)
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return _tensor(v)
+    if isinstance(v, dict):
+        return {k: _value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_value(x) for x in v)
+    return v
+
+
+def _optimizer(opt: torch.optim.Optimizer) -> Dict[str, Any]:
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return {
+        "params": [id(p) for p in params],
+        "groups": [_value({k: v for k, v in group.items() if k != "params"}) for group in opt.param_groups],
+        "state": [_value(dict(opt.state[p])) if p in opt.state else None for p in params],
+        "state_size": len(opt.state),
+    }
+
+
+def snapshot(model: nn.Module, *optimizers: torch.optim.Optimizer) -> Dict[str, Any]:
+    """Everything a refused operation must leave as it was."""
+    return {
+        "parameters": [(name, id(p), type(p), p.requires_grad, _tensor(p), _tensor(p.grad))
+                       for name, p in model.named_parameters(remove_duplicate=False)],
+        "buffers": [(name, _tensor(b)) for name, b in model.named_buffers(remove_duplicate=False)],
+        "optimizers": [_optimizer(o) for o in optimizers],
+    }
+
+
+def _same(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        assert isinstance(a, Tensor) and isinstance(b, Tensor), where
+        assert a.shape == b.shape and torch.equal(a, b), f"{where}: values changed"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), f"{where}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: {len(a)} vs {len(b)} entries"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def assert_unchanged(before: Dict[str, Any], model: nn.Module, *optimizers: torch.optim.Optimizer) -> None:
+    _same(before, snapshot(model, *optimizers), "snapshot")
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Recursive equality of two values (dicts, lists, tensors: bit for bit, so NaN == NaN)."""
+    _same(_value(a), _value(b), where)
+

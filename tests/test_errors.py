@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 import torch
+from _helpers import assert_same, assert_unchanged, snapshot
 from torch import nn
 
 import iso_lightning as il
@@ -74,51 +75,6 @@ def opt(net: IsotropicMLP) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
-def _assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Recursive equality; tensors bit for bit (so NaN == NaN)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.shape == b.shape and a.dtype == b.dtype, f"{where}: {tuple(a.shape)} vs {tuple(b.shape)}"
-        assert torch.equal(_bytes(a), _bytes(b)), f"{where}: values changed"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a)} vs {set(b)}"
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: length"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
-
-
-def _snapshot(net: nn.Module, *optimizers: torch.optim.Optimizer) -> Dict[str, Any]:
-    return {
-        "model": {k: v.detach().clone() for k, v in net.state_dict().items()},
-        "grads": [None if p.grad is None else p.grad.detach().clone() for p in net.parameters()],
-        "params": [id(p) for p in net.parameters()],
-        "widths": list(net.hidden_widths),
-        "in_out": (net.in_features, net.out_features),
-        "optimizers": [copy.deepcopy(o.state_dict()) for o in optimizers],
-    }
-
-
-def _assert_unchanged(snap: Dict[str, Any], net: nn.Module, *optimizers: torch.optim.Optimizer) -> None:
-    _assert_same(snap["model"], {k: v.detach() for k, v in net.state_dict().items()}, "state_dict")
-    grads = [None if p.grad is None else p.grad.detach() for p in net.parameters()]
-    assert [g is None for g in grads] == [g is None for g in snap["grads"]]
-    _assert_same([g for g in snap["grads"] if g is not None], [g for g in grads if g is not None], "grad")
-    assert [id(p) for p in net.parameters()] == snap["params"]
-    assert list(net.hidden_widths) == snap["widths"]
-    assert (net.in_features, net.out_features) == snap["in_out"]
-    for before, o in zip(snap["optimizers"], optimizers):
-        _assert_same(before, o.state_dict(), "optimizer")
-
-
 def _width(net: IsotropicMLP, layer: Any) -> int:
     return net.hidden_widths[layer] if isinstance(layer, int) and 0 <= layer < net.num_hidden else 3
 
@@ -143,29 +99,29 @@ NO_OPTIMIZER_OPS: Dict[str, Callable[..., Any]] = {
 @pytest.mark.parametrize("layer", [-1, H, H + 5, "0", 1.5, None, True])
 @pytest.mark.parametrize("op", sorted(LAYER_OPS) + sorted(NO_OPTIMIZER_OPS))
 def test_layer_out_of_range(net, opt, op, layer):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`layer`") as info:
         if op in LAYER_OPS:
             LAYER_OPS[op](net, layer, optimizer=opt)
         else:
             NO_OPTIMIZER_OPS[op](net, layer)
     assert repr(layer) in str(info.value)  # the message shows what it got
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 def test_full_diagonalisation_of_layer_zero(net, opt):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`layer`.*layer 0 reads the network input"):
         net.diagonalise(0, "full", optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 @pytest.mark.parametrize("mode", ["Full", "right", "", None, 1])
 def test_bad_mode(net, opt, mode):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`mode`"):
         net.diagonalise(1, mode, optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 # ---------------------------------------------------------------------------- `n`, `width`, `widths`
@@ -175,54 +131,54 @@ BAD_COUNTS = [0, -1, 1.5, 1.0, "1", True, None]
 @pytest.mark.parametrize("n", BAD_COUNTS)
 @pytest.mark.parametrize("op", ["grow", "shrink", "add_inputs", "add_outputs"])
 def test_bad_count(net, opt, op, n):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`n`"):
         if op in ("grow", "shrink"):
             getattr(net, op)(0, n, optimizer=opt)
         else:
             getattr(net, op)(n, optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 @pytest.mark.parametrize("layer", range(H))
 @pytest.mark.parametrize("extra", [0, 1, 10])
 def test_shrink_to_zero_neurons(net, opt, layer, extra):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     width = net.hidden_widths[layer]
     with pytest.raises(ValueError, match=rf"`n`.*\(width {width}\)"):
         net.shrink(layer, width + extra, optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 def test_shrink_a_single_neuron_space():
     net = IsotropicMLP([3, 1, 2], length="constant", psi="constant")
-    snap = _snapshot(net)
+    snap = snapshot(net)
     with pytest.raises(ValueError, match="`n`"):
         net.shrink(0, 1)
-    _assert_unchanged(snap, net)
+    assert_unchanged(snap, net)
 
 
 @pytest.mark.parametrize("width", [0, -3, 2.5, 4.0, "4", None, False])
 def test_resize_to_bad_width(net, opt, width):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`width`"):
         net.resize(0, width, optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 @pytest.mark.parametrize("widths", [[0, 5], [6, 0], [6], [6, 5, 4], {0: 0}, {1: -2}, {0: 2.5}, "65", 6, None])
 def test_set_widths_bad_widths(net, opt, widths):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`widths`"):
         net.set_widths(widths, optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 def test_set_widths_bad_layer_in_mapping_is_checked_before_any_change(net, opt):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`layer`"):
         net.set_widths({1: 9, 7: 3}, optimizer=opt)  # layer 1 alone would be valid
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 @pytest.mark.parametrize(("kwargs", "name"), [
@@ -231,18 +187,18 @@ def test_set_widths_bad_layer_in_mapping_is_checked_before_any_change(net, opt):
     (dict(on_unknown="ignore"), "`on_unknown`"),
 ])
 def test_grow_bad_keyword(net, opt, kwargs, name):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match=name):
         net.grow(0, 1, optimizer=opt, **kwargs)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 @pytest.mark.parametrize("op", ["shrink", "diagonalise_left", "resize_down"])
 def test_bad_on_unknown(net, opt, op):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`on_unknown`"):
         LAYER_OPS[op](net, 1, optimizer=opt, on_unknown="skip")
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 # ---------------------------------------------------------------------------- non-finite values
@@ -267,10 +223,10 @@ NAN_CASES = [
 @pytest.mark.parametrize(("op", "layer", "name"), NAN_CASES)
 def test_nan_in_a_tensor_of_the_space(net, opt, op, layer, name):
     _poison(net, name, float("nan"))
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(NonFiniteError, match="non-finite"):
         LAYER_OPS[op](net, layer, optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
@@ -285,28 +241,28 @@ def test_nan_in_a_tensor_of_the_space(net, opt, op, layer, name):
 ])
 def test_inf_in_psi(net, opt, op, layer, name, value):
     _poison(net, name, value)
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(NonFiniteError, match=rf"`{re.escape(name)}`"):  # the tensor's full path
         LAYER_OPS[op](net, layer, optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 @pytest.mark.parametrize("layer", range(H))
 def test_nan_in_singular_values(net, layer):
     _poison(net, f"layers.{layer}.weight", float("nan"))
-    snap = _snapshot(net)
+    snap = snapshot(net)
     with pytest.raises(NonFiniteError):
         net.singular_values(layer)
-    _assert_unchanged(snap, net)
+    assert_unchanged(snap, net)
 
 
 @pytest.mark.parametrize("op", ["add_inputs", "remove_inputs", "add_outputs", "remove_outputs"])
 def test_nan_at_the_boundary(net, opt, op):
     _poison(net, "layers.0.weight" if "inputs" in op else f"layers.{H}.weight", float("nan"))
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(NonFiniteError):
         getattr(net, op)(*([1] if op.startswith("add") else [[0]]), optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 # ---------------------------------------------------------------------------- optimizer mismatch
@@ -330,12 +286,12 @@ def test_optimizer_of_another_model(net, opt, op, layer):
     other = _net()
     other_opt = torch.optim.Adam(other.parameters(), lr=1e-2)
     _train(other, other_opt)
-    snap = _snapshot(net, opt, other_opt)
-    other_snap = _snapshot(other)
+    snap = snapshot(net, opt, other_opt)
+    other_snap = snapshot(other)
     with pytest.raises(ValueError, match="`optimizer`.*does not"):
         _run(op, layer, net, optimizer=other_opt)
-    _assert_unchanged(snap, net, opt, other_opt)
-    _assert_unchanged(other_snap, other)
+    assert_unchanged(snap, net, opt, other_opt)
+    assert_unchanged(other_snap, other)
 
 
 @pytest.mark.parametrize("layer", range(H))
@@ -343,18 +299,18 @@ def test_optimizer_missing_a_parameter_of_the_space(net, layer):
     # The intrinsic length o of every hidden space is trainable but left out of this optimizer.
     optimizer = torch.optim.Adam(net.layers.parameters(), lr=1e-2)
     _train(net, optimizer)
-    snap = _snapshot(net, optimizer)
+    snap = snapshot(net, optimizer)
     with pytest.raises(ValueError, match=r"`optimizer`.*`activations\.\d\.length`"):
         net.grow(layer, 1, optimizer=optimizer)
-    _assert_unchanged(snap, net, optimizer)
+    assert_unchanged(snap, net, optimizer)
 
 
 @pytest.mark.parametrize("bad", ["adam", {"lr": 1e-3}, 3, [None]])
 def test_optimizer_of_the_wrong_type(net, opt, bad):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(TypeError, match="`optimizer`"):
         net.grow(0, 1, optimizer=bad)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 def _lbfgs_closure(net: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], torch.Tensor]:
@@ -389,10 +345,10 @@ def _trained_with(name: str, net: IsotropicMLP) -> torch.optim.Optimizer:
 @pytest.mark.parametrize(("op", "layer"), [("grow", 0), ("shrink", 1), ("diagonalise_left", 0), ("add_outputs", None)])
 def test_unsupported_optimizer_raises(net, name, op, layer):
     optimizer = _trained_with(name, net)
-    snap = _snapshot(net, optimizer)
+    snap = snapshot(net, optimizer)
     with pytest.raises(UnsupportedOptimizerError, match=rf"optimizer class {name}\b.*on_unknown='reset'"):
         _run(op, layer, net, optimizer=optimizer)
-    _assert_unchanged(snap, net, optimizer)
+    assert_unchanged(snap, net, optimizer)
 
 
 # The tensors a growth of hidden space l reshapes, listed independently of NeuronSpace: rows of W_l,
@@ -418,7 +374,7 @@ def _reset_and_train(name: str, layer: int) -> torch.Tensor:
         if n in touched:
             assert not optimizer.state.get(p), f"state of {n} was not dropped"
         elif n in before:
-            _assert_same(before[n], dict(optimizer.state[p]), n)  # untouched: bit-identical
+            assert_same(before[n], dict(optimizer.state[p]), n)  # untouched: bit-identical
     # Training goes on with the same optimizer object.
     if name == "LBFGS":
         loss = optimizer.step(_lbfgs_closure(net, optimizer))
@@ -457,10 +413,10 @@ def test_lbfgs_with_reset(layer):
 def test_mismatched_optimizer_state_shape(net, opt, key, name):
     p = dict(net.named_parameters())[name]
     opt.state[p][key] = torch.zeros(p.numel() + 1)
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match=rf"`{key}`.*\({p.numel() + 1},\).*does not match"):
         net.grow(0, 1, optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 class _SlowWeightsSGD(torch.optim.SGD):
@@ -478,10 +434,10 @@ class _SlowWeightsSGD(torch.optim.SGD):
 def test_uncovered_state_key_leaves_everything_unchanged(net):
     optimizer = _SlowWeightsSGD(net.parameters(), lr=1e-2, momentum=0.9)
     _train(net, optimizer)
-    snap = _snapshot(net, optimizer)
+    snap = snapshot(net, optimizer)
     with pytest.raises(UnsupportedOptimizerError, match="_SlowWeightsSGD.*'slow'.*on_unknown='reset'"):
         net.grow(0, 1, optimizer=optimizer)
-    _assert_unchanged(snap, net, optimizer)
+    assert_unchanged(snap, net, optimizer)
 
 
 # ---------------------------------------------------------------------------- inputs and outputs
@@ -502,27 +458,27 @@ BAD_INDICES = {
 @pytest.mark.parametrize("case", sorted(BAD_INDICES))
 def test_remove_boundary_bad_indices(net, opt, which, case):
     width = net.in_features if which == "inputs" else net.out_features
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`indices`"):
         getattr(net, f"remove_{which}")(BAD_INDICES[case](width), optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 @pytest.mark.parametrize("which", ["inputs", "outputs"])
 @pytest.mark.parametrize("indices", [[1.5], ["1"]])
 def test_remove_boundary_non_integer_indices(net, opt, which, indices):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`indices`"):
         getattr(net, f"remove_{which}")(indices, optimizer=opt)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 @pytest.mark.parametrize("op", ["add_inputs", "add_outputs"])
 def test_add_boundary_negative_scale(net, opt, op):
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises(ValueError, match="`scale`"):
         getattr(net, op)(1, optimizer=opt, scale=-1.0)
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 # ---------------------------------------------------------------------------- atomicity of multi-space operations
@@ -533,10 +489,10 @@ def test_set_widths_refusal_changes_nothing(net, opt, problem):
     else:
         p = net.layers[0].weight
         opt.state[p]["exp_avg"] = torch.zeros(p.numel() + 1)
-    snap = _snapshot(net, opt)
+    snap = snapshot(net, opt)
     with pytest.raises((NonFiniteError, ValueError)):
         net.set_widths([SIZES[1] + 1, SIZES[2] + 1], optimizer=opt)  # space 1 is resized first
-    _assert_unchanged(snap, net, opt)
+    assert_unchanged(snap, net, opt)
 
 
 def test_sparsify_refusal_changes_nothing():
@@ -544,10 +500,10 @@ def test_sparsify_refusal_changes_nothing():
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     _train(net, optimizer)
     _poison(net, "layers.3.weight", float("inf"))  # layer 3 is diagonalised after layer 1
-    snap = _snapshot(net, optimizer)
+    snap = snapshot(net, optimizer)
     with pytest.raises(NonFiniteError):
         net.sparsify(optimizer=optimizer, probe=torch.randn(4, 4))
-    _assert_unchanged(snap, net, optimizer)
+    assert_unchanged(snap, net, optimizer)
 
 
 # ---------------------------------------------------------------------------- constructors
