@@ -262,7 +262,10 @@ class _IsotropicFunction(torch.autograd.Function):
         if common:
             # The common case in as few operations as possible: at these sizes the cost of a step is
             # the number of small tensor operations, not arithmetic. The slope is left to backward.
-            q = torch.linalg.vecdot(z, z, dim=dim).unsqueeze(dim)
+            # Each fresh activation-sized tensor costs page faults as well as its pass, so the squares
+            # are computed into the buffer that then receives the output.
+            buffer = torch.mul(z, z)
+            q = buffer.sum(dim, keepdim=True)
             if isinstance(length, float):
                 q.add_(length)
             elif length is not None:
@@ -274,7 +277,7 @@ class _IsotropicFunction(torch.autograd.Function):
                 s = t / r
                 ctx.save_for_backward(z, s, q, t)
                 ctx.fast = True
-                return z * s, s
+                return torch.mul(z, s, out=buffer), s
             if isinstance(length, float):
                 length = q.new_full((1,), length)
         q = _squared_radius(z, dim, length, group_index, groups)
@@ -299,14 +302,16 @@ class _IsotropicFunction(torch.autograd.Function):
             z, s_full, slope = ctx.saved_tensors
         if grad_h is None:
             grad_h = torch.zeros_like(z)
+        # One activation-sized allocation: the products z * grad_h, then the gradient in their place.
+        buffer = torch.mul(z, grad_h)
         if group_index is None:
-            zg = torch.linalg.vecdot(z, grad_h, dim=dim).unsqueeze(dim)
+            zg = buffer.sum(dim, keepdim=True)
         else:
-            zg = z.new_zeros(slope.shape).index_add(dim, group_index, z * grad_h)
+            zg = z.new_zeros(slope.shape).index_add(dim, group_index, buffer)
         if grad_s is not None:
             zg = zg + grad_s
         c = zg.mul_(slope)
-        grad_z = torch.addcmul(s_full * grad_h, _expand(c, dim, group_index), z, value=2.0)
+        grad_z = torch.mul(grad_h, s_full, out=buffer).addcmul_(_expand(c, dim, group_index), z, value=2.0)
         grad_length = None
         if ctx.length_shape is not None and ctx.needs_input_grad[1]:
             sign = ctx.length_sign
