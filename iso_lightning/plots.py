@@ -66,7 +66,7 @@ def _label(value: float) -> str:
 
 
 class _Panel:
-    """A plotting area: data coordinates ``xlim`` x ``ylim`` mapped onto the pixel box ``(left, top, right, bottom)``."""
+    """A plotting area: data ``xlim`` x ``ylim`` mapped onto the pixel box ``(left, top, right, bottom)``."""
 
     def __init__(self, draw: ImageDraw.ImageDraw, box: Tuple[int, int, int, int], xlim: Tuple[float, float],
                  ylim: Tuple[float, float]) -> None:
@@ -124,7 +124,8 @@ class _Panel:
 
 
 def _legend(draw: ImageDraw.ImageDraw, font: Font, box: Tuple[int, int, int, int],
-            entries: Sequence[Tuple[str, Tuple[int, int, int]]], lines: Sequence[Sequence[Tuple[float, float]]]) -> None:
+            entries: Sequence[Tuple[str, Tuple[int, int, int]]],
+            lines: Sequence[Sequence[Tuple[float, float]]]) -> None:
     """The legend, in the corner of ``box`` that the curves ``lines`` (pixel polylines) cross least."""
     width, height = 150, 16 * len(entries) + 6
     left, top, right, bottom = box
