@@ -14,9 +14,12 @@ Arms, interleaved (one run of each per round, the order alternating), median of 
 
 Model: ``IsotropicClassifier(hidden=[256, 256])``, batch 48, no validation, 2 threads.
 
-Then one more ``dry_run`` fit with the callback's hooks timed inside the fit (a ratio within one run,
-so it does not depend on the machine's load): the callback's share of the fit, split into what it
-costs per epoch (spectra, policy, logs, the per-batch hooks) and once at fit end (``topology.png``).
+Then one more ``dry_run`` and one more ``adapt`` fit with the callback's hooks timed inside the fit (a
+ratio within one run, so it does not depend on the machine's load as the side-by-side ratios do):
+the callback's share of the fit (target <= 1 %), split into what it costs per epoch (spectra,
+policy, logs, the per-batch hooks and, adapting, the operations with AdamW remapped) and once at fit
+end (``topology.png``). The ``adapt`` arm's side-by-side ratio also holds the cost of training the
+wider network it makes (257 and 258 neurons instead of 256), which is not the callback's.
 """
 
 from __future__ import annotations
@@ -80,11 +83,12 @@ def fit(arm: str, loader: DataLoader, epochs: int, spent: Optional[collections.C
     model = IsotropicClassifier(hidden=[256, 256])
     callbacks = []
     if arm == "dry_run":
-        callback = DynamicTopologyCallback(ScaffoldPolicy(0.95, 5), dry_run=True, verbose=0)
-        callbacks.append(callback if spent is None else _timed(callback, spent))
+        callbacks.append(DynamicTopologyCallback(ScaffoldPolicy(0.95, 5), dry_run=True, verbose=0))
     elif arm == "adapt":
         callbacks.append(DynamicTopologyCallback(WidthSchedulePolicy(targets=256 + epochs, start_epoch=0,
                                                                      end_epoch=epochs), verbose=0))
+    if spent is not None:
+        callbacks = [_timed(callback, spent) for callback in callbacks]
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -101,7 +105,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    samples, epochs, rounds = (3_000, 2, 2) if args.quick else (60_000, 2, 3)
+    samples, epochs, rounds = (3_000, 2, 2) if args.quick else (60_000, 2, 5)
     rounds = args.rounds or rounds
     loader = data(samples)
     times = {"none": [], "dry_run": [], "adapt": []}
@@ -116,19 +120,19 @@ def main(argv=None) -> None:
         ratios = sorted(t / n for t, n in zip(times[arm], times["none"]))
         print(f"callback {arm} (deciding every epoch) / no callback: {statistics.median(ratios):.4f} "
               f"(per-round ratios {', '.join(f'{v:.4f}' for v in ratios)})")
-    spent: collections.Counter = collections.Counter()
-    total = fit("dry_run", loader, epochs, spent)
-    once = spent["on_fit_end"]
-    per_epoch = (sum(spent.values()) - once) / epochs
-    share = per_epoch * epochs / total  # the per-epoch costs' share of the fit
-    print(f"callback hooks timed inside one dry_run fit of {total:.2f} s: {100 * sum(spent.values()) / total:.2f} % "
-          f"of the fit; per epoch {per_epoch * 1e3:.1f} ms = {100 * share:.2f} % of an epoch; once at fit end "
-          f"(the figure) {once * 1e3:.0f} ms")
-    if share < 0.01:
-        print(f"the callback stays under 1 % of fits longer than {once / (0.01 - share):.0f} s")
-    for name, seconds in spent.most_common(4):
-        print(f"  {name}: {seconds * 1e3:.1f} ms")
-
+    for arm in ("dry_run", "adapt"):
+        spent: collections.Counter = collections.Counter()
+        total = fit(arm, loader, epochs, spent)
+        once = spent["on_fit_end"]
+        per_epoch = (sum(spent.values()) - once) / epochs
+        share = per_epoch * epochs / total  # the per-epoch costs' share of the fit
+        print(f"callback hooks timed inside one {arm} fit of {total:.2f} s: {100 * sum(spent.values()) / total:.2f} % "
+              f"of the fit (target <= 1 %: {'met' if sum(spent.values()) <= 0.01 * total else 'MISSED'}); per epoch "
+              f"{per_epoch * 1e3:.1f} ms = {100 * share:.2f} % of an epoch; once at fit end (the figure) "
+              f"{once * 1e3:.0f} ms")
+        if share < 0.01:
+            print(f"  the callback stays under 1 % of fits longer than {once / (0.01 - share):.0f} s")
+        print("  " + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in spent.most_common(5)))
 
 if __name__ == "__main__":
     main()

@@ -316,10 +316,21 @@ class StateRemapper:
                     "(call `validate` before `apply` to refuse this before anything changes)."
                 )
             view = view_of(value)
-            if inplace and key in rule.linear and view.data_ptr() == value.data_ptr() and value.is_contiguous():
-                transform.linear(view, inplace=True)
+            if inplace and (key in rule.linear or key in rule.quadratic) and view.data_ptr() == value.data_ptr() \
+                    and value.is_contiguous():
+                # A tensor too large for a second copy (see transaction.IN_PLACE_ELEMENTS), rotated after
+                # everything that can be refused was checked. A rotation keeps finite state finite
+                # (M o M is doubly stochastic: second moments keep their range). Undo: the inverse
+                # rotation, to round-off for first moments; (M o M)^T has no inverse in general, so a
+                # second moment comes back as (M^T o M^T)^T of its rotated self, a valid estimate near
+                # the old one, not its bits.
                 inverse = transform.inverse()
-                tx.on_rollback(functools.partial(inverse.linear, view, inplace=True))
+                if key in rule.linear:
+                    transform.linear(view, inplace=True)
+                    tx.on_rollback(functools.partial(inverse.linear, view, inplace=True))
+                else:
+                    transform.quadratic(view, inplace=True)
+                    tx.on_rollback(functools.partial(inverse.quadratic, view, inplace=True))
                 continue
             fill = None
             if key in rule.fill and hasattr(transform, "count"):

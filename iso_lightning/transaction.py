@@ -12,9 +12,11 @@ Undoing is cheap because operations do not overwrite tensors: each new value is 
 that is swapped in with ``Tensor.set_`` (which keeps the ``Parameter`` object), so the undo only
 swaps the old storage back. The one exception is a rotation of a tensor of more than
 :data:`IN_PLACE_ELEMENTS` elements (a layer with 150,000 inputs), which is applied in place so that
-no second copy of it is ever allocated; its undo applies the inverse rotation, which restores it to
-float round-off rather than bit for bit. Operations run those rotations after everything that can
-be refused has been checked.
+no second copy of it is ever allocated (its gradient and optimizer state likewise); its undo applies
+the inverse rotation, which restores it to float round-off rather than bit for bit (a second moment,
+whose squared-entry rotation has no inverse, comes back as a valid non-negative estimate near the
+old one). Operations run those rotations after everything that can be refused has been checked, so
+only an exception from outside (out of memory, an interrupt) can need that undo.
 
 Nested :func:`atomic` blocks join the outermost one, so a multi-space change (``set_widths``, a
 checkpoint's resize) is undone as a whole.

@@ -862,3 +862,72 @@ def test_fashion_mnist_loss_falls_with_surgery(opt_key: str) -> None:
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     # ln(10) = 2.30 at chance; a working optimizer gets well below 0.75x of its start in 8 epochs of 2k images
     assert last < 0.75 * first, f"loss did not fall: first {first:.3f}, last {last:.3f}"
+
+
+def _trained_mlp_and_adam(seed: int = 0):
+    torch.manual_seed(seed)
+    net = IsotropicMLP([40, 12, 4], psi="decay", length="trainable")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x = torch.randn(16, 40)
+    for _ in range(3):
+        opt.zero_grad()
+        net(x).pow(2).sum().backward()
+        opt.step()
+    return net, opt
+
+
+def _adam_state(net, opt):
+    return {name: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim()}
+            for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("grow_first", [False, True])
+def test_tensors_too_large_to_copy_rotate_every_state_in_place_like_a_staged_copy(monkeypatch, grow_first):
+    # The staged route (a new tensor per change) is the reference; the in-place route (layers past
+    # IN_PLACE_ELEMENTS) must give the same weights and optimizer state without a second copy.
+    from iso_lightning import transaction
+
+    results = []
+    for limit in (None, 100):
+        monkeypatch.setattr(transaction, "IN_PLACE_ELEMENTS", limit)
+        net, opt = _trained_mlp_and_adam()
+        if grow_first:
+            net.grow(0, 2, optimizer=opt)
+        layer = net.layers[0]
+        storages = {k: v.untyped_storage().data_ptr() for k, v in opt.state[layer.weight].items() if v.dim()}
+        net.shrink(0, 1, optimizer=opt)
+        if limit is not None:  # every moment of the wide weight was rotated in its own storage
+            assert {k: v.untyped_storage().data_ptr() for k, v in opt.state[layer.weight].items() if v.dim()} \
+                == storages
+        results.append((dict(net.state_dict()), _adam_state(net, opt)))
+    (ref_w, ref_s), (w, s) = results
+    for key in ref_w:
+        torch.testing.assert_close(w[key], ref_w[key], rtol=1e-5, atol=1e-6)
+    for name in ref_s:
+        for key in ref_s[name]:
+            torch.testing.assert_close(s[name][key], ref_s[name][key], rtol=1e-5, atol=1e-9)
+    assert all((v["exp_avg_sq"] >= 0).all() for v in s.values())
+
+
+def test_an_in_place_rotation_undone_restores_weights_and_gives_valid_second_moments(monkeypatch):
+    from iso_lightning import transaction
+
+    monkeypatch.setattr(transaction, "IN_PLACE_ELEMENTS", 100)
+    net, opt = _trained_mlp_and_adam()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    before = _adam_state(net, opt)
+    with pytest.raises(RuntimeError, match="late"):
+        with transaction.atomic():
+            net.shrink(0, 1, optimizer=opt)
+            raise RuntimeError("refused late")
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=1e-5, atol=1e-6)  # the inverse rotation
+    after = _adam_state(net, opt)
+    for name in before:
+        m = before[name]["exp_avg"]
+        torch.testing.assert_close(after[name]["exp_avg"], m, rtol=1e-5, atol=1e-5 * float(m.abs().max()))
+        sq, old = after[name]["exp_avg_sq"], before[name]["exp_avg_sq"]
+        assert sq.shape == old.shape and bool(torch.isfinite(sq).all()) and bool((sq >= 0).all())
+        # (M^T o M^T)^T (M o M)^T v: a weighted average of v's entries along the neuron axis.
+        assert float(sq.sum()) == pytest.approx(float(old.sum()), rel=1e-4)
+        assert float(sq.max()) <= float(old.max()) * (1 + 1e-5)
