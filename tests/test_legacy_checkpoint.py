@@ -18,7 +18,9 @@ def test_a_version_0_1_0_checkpoint_loads_with_its_widths_and_outputs():
     assert module.grouped.hidden_widths == [7]
     assert module.conv.hidden_widths == [6, 7]
     assert module.grouped.activations[0].group_index.tolist() == [0, 0, 1, 1, 0, 1, 0]
-    torch.testing.assert_close(module(reference["x"]), reference["y"], rtol=0, atol=0)
+    # The outputs 0.1.0 computed, to float32 round-off (the activation's arithmetic may be ordered
+    # differently now: the compiled kernel sums the squares of a group in another order).
+    torch.testing.assert_close(module(reference["x"]), reference["y"], rtol=1e-5, atol=1e-6)
     record = module.topology()
     assert record["version"] == 2
     assert record["spaces"]["net.hidden.1"]["width"] == 9
