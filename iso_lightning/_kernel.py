@@ -52,7 +52,8 @@ _SOURCE = r"""
    compiler vectorises the loops that call it. */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    /* Round to nearest by adding and subtracting 1.5 * 2^23 (exact for |n| < 2^22; vectorises). */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
     float p = 1.0f / 5040.0f;
     p = p * f + 1.0f / 720.0f;
@@ -92,7 +93,8 @@ static inline float slope_of(float q, float s, float t) {
 
 /* h = s z per group; s, t, q saved for backward. Returns 1 when a squared radius is not finite
    (the caller then takes the PyTorch route, which handles overflow), else 0. */
-int iso_tanh_forward(const float *z, float *h, float *s, float *t, float *q, int64_t outer, int64_t size,
+int iso_tanh_forward(const float *restrict z, float *restrict h, float *restrict s, float *restrict t,
+                     float *restrict q, int64_t outer, int64_t size,
                      int64_t inner, float length) {
     int bad = 0;
     for (int64_t o = 0; o < outer; ++o) {
@@ -136,8 +138,9 @@ int iso_tanh_forward(const float *z, float *h, float *s, float *t, float *q, int
 }
 
 /* gz = s gh + 2 c z with c = ds/dq (sum_i z_i gh_i + gs) per group; c written to c_out when given. */
-void iso_tanh_backward(const float *z, const float *gh, const float *gs, const float *s, const float *t,
-                       const float *q, float *gz, float *c_out, int64_t outer, int64_t size, int64_t inner) {
+void iso_tanh_backward(const float *restrict z, const float *restrict gh, const float *restrict gs,
+                       const float *restrict s, const float *restrict t, const float *restrict q,
+                       float *restrict gz, float *restrict c_out, int64_t outer, int64_t size, int64_t inner) {
     float c[CHUNK];
     for (int64_t o = 0; o < outer; ++o) {
         const float *zo = z + o * size * inner, *go = gh + o * size * inner;
@@ -179,7 +182,8 @@ void iso_tanh_backward(const float *z, const float *gh, const float *gs, const f
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-std=c99", "-fPIC", "-shared"]
+# -fno-math-errno lets sqrtf vectorise (errno is never read); no -ffast-math: the sums keep their order.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c99", "-fPIC", "-shared"]
 #: Below this many elements a call runs on the calling thread (splitting costs more than it saves).
 PARALLEL_ELEMENTS = 1 << 16
 
