@@ -184,8 +184,12 @@ def topology_image(history: Sequence[Mapping[str, Any]], events: Sequence[Mappin
         changes = [e for e in events if e.get("space") == space and e.get("op") in ("grow", "shrink")]
         points = sorted([(float(r["step"]), 0, float(r["width"])) for r in records]
                         + [(float(e["step"]), 1, float(e["new_width"])) for e in changes])
-        if records and records[0]["step"] > 0:
-            points.insert(0, (0.0, 0, float(records[0]["width"])))  # widths hold from the start of training
+        if points and points[0][0] > 0:  # the width at the start of training, before the first change
+            first = min(changes, key=lambda e: e["step"], default=None)
+            before = first is not None and (not records or first["step"] < records[0]["step"])
+            start = float(first.get("old_width", first["new_width"])) if before and first is not None \
+                else points[0][2]
+            points.insert(0, (0.0, 0, start))
         curves[space] = points
         marks += [(space, float(e["step"]), float(e["new_width"]), "+" if e["op"] == "grow" else "-") for e in changes]
     all_points = [p for points in curves.values() for p in points]
@@ -248,5 +252,8 @@ def topology_image(history: Sequence[Mapping[str, Any]], events: Sequence[Mappin
             left, _, right, _ = spectrum.box
             for x in range(left, right, 12):  # dashed
                 draw.line([(x, y), (min(x + 6, right), y)], fill=_THRESHOLD, width=1)
-            draw.text((right - 6, y - 3), f"threshold {threshold:g}", fill=_THRESHOLD, font=small, anchor="rd")
+            label = f"threshold {threshold:g}"
+            box = draw.textbbox((right - 6, y - 3), label, font=small, anchor="rd")
+            draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill="white")  # over the dots
+            draw.text((right - 6, y - 3), label, fill=_THRESHOLD, font=small, anchor="rd")
     return image

@@ -100,3 +100,16 @@ def test_no_history_and_more_spaces_than_colours_still_draw(spaces):
     assert (pixels < 128).all(axis=-1).sum() > 100  # text and frames were drawn
     if spaces:
         assert _count(pixels, _rgb(PALETTE[0])) > _count(pixels, _rgb(PALETTE[2]))  # colours cycle: 0 twice
+
+
+def test_a_change_before_the_first_snapshot_starts_the_curve_at_its_old_width():
+    history = [_record(0, 200, "h", [1.0] * 8)]
+    events = [{"step": 100, "space": "h", "op": "grow", "old_width": 4, "new_width": 8}]
+    pixels = np.asarray(topology_image(history, events))
+    blue = np.array(_rgb(PALETTE[0]), dtype=np.uint8)
+    # Steps [0, 200] on x in [70, 450]; widths [3, 9] on y in [40, bottom].
+    bottom = 40 + ROW_HEIGHT
+    def y(width):
+        return int(round(bottom - (width - 3) / 6 * (bottom - 40)))
+    assert (pixels[y(4), 120] == blue).all()  # width 4 until step 100
+    assert (pixels[y(8), 400] == blue).all()
