@@ -89,6 +89,16 @@ static inline float slope_of(float q, float s, float t) {
     return q < 1e-2f ? series : 0.5f * (1.0f - s - t * t) / (q < 1e-2f ? 1.0f : q);
 }
 
+/* start + sum_i a_i b_i over n contiguous entries, in eight interleaved partial sums (vectorises). */
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n, float start) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+    for (; i < n; ++i) start += a[i] * b[i];
+    return start + (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])));
+}
+
 #define CHUNK 1024
 
 /* h = s z per group; s, t, q saved for backward. Returns 1 when a squared radius is not finite
@@ -101,18 +111,12 @@ int iso_tanh_forward(const float *restrict z, float *restrict h, float *restrict
         const float *zo = z + o * size * inner;
         float *ho = h + o * size * inner;
         if (inner == 1) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int64_t i = 0;
-            for (; i + 8 <= size; i += 8)
-                for (int k = 0; k < 8; ++k) acc[k] += zo[i + k] * zo[i + k];
-            float qq = length;
-            for (; i < size; ++i) qq += zo[i] * zo[i];
-            qq += ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            float qq = dot(zo, zo, size, length);
             float ss, tt;
             scale_of(qq, &ss, &tt);
             bad |= !(qq <= 3.0e38f);
             s[o] = ss; t[o] = tt; q[o] = qq;
-            for (i = 0; i < size; ++i) ho[i] = zo[i] * ss;
+            for (int64_t i = 0; i < size; ++i) ho[i] = zo[i] * ss;
             continue;
         }
         for (int64_t g0 = 0; g0 < inner; g0 += CHUNK) {
@@ -146,17 +150,10 @@ void iso_tanh_backward(const float *restrict z, const float *restrict gh, const 
         const float *zo = z + o * size * inner, *go = gh + o * size * inner;
         float *out = gz + o * size * inner;
         if (inner == 1) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int64_t i = 0;
-            for (; i + 8 <= size; i += 8)
-                for (int k = 0; k < 8; ++k) acc[k] += zo[i + k] * go[i + k];
-            float dot = gs ? gs[o] : 0.0f;
-            for (; i < size; ++i) dot += zo[i] * go[i];
-            dot += ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            float cc = dot * slope_of(q[o], s[o], t[o]);
+            float cc = dot(zo, go, size, gs ? gs[o] : 0.0f) * slope_of(q[o], s[o], t[o]);
             if (c_out) c_out[o] = cc;
             float ss = s[o], c2 = 2.0f * cc;
-            for (i = 0; i < size; ++i) out[i] = ss * go[i] + c2 * zo[i];
+            for (int64_t i = 0; i < size; ++i) out[i] = ss * go[i] + c2 * zo[i];
             continue;
         }
         for (int64_t g0 = 0; g0 < inner; g0 += CHUNK) {

@@ -14,6 +14,12 @@ def _rgb(colour):
     return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
 
 
+def _width_row(width, low, high):
+    """The pixel row of ``width`` on the widths panel, whose y axis spans ``[low, high]`` on rows 40 to its bottom."""
+    bottom = 40 + ROW_HEIGHT
+    return int(round(bottom - (width - low) / (high - low) * (bottom - 40)))
+
+
 def _count(pixels, colour):
     return int((pixels == np.array(colour, dtype=np.uint8)).all(axis=-1).sum())
 
@@ -75,13 +81,10 @@ def test_the_width_curve_steps_at_each_change():
     events = [{"step": 100, "space": "h", "op": "grow", "new_width": 8}]
     pixels = np.asarray(topology_image(history, events))
     blue = np.array(_rgb(PALETTE[0]), dtype=np.uint8)
-    # The widths panel spans steps [0, 200] on x in [70, 450] and widths [4 - 1, 8 + 1] on y in [40, bottom].
-    bottom = 40 + ROW_HEIGHT
-    def y(width):
-        return int(round(bottom - (width - 3) / 6 * (bottom - 40)))
-    assert (pixels[y(4), 120] == blue).all()  # width 4 before step 100
-    assert (pixels[y(8), 400] == blue).all()  # width 8 after it
-    assert not (pixels[y(8), 120] == blue).all() and not (pixels[y(4), 400] == blue).all()
+    # The widths panel spans steps [0, 200] on x in [70, 450] and widths [4 - 1, 8 + 1] on y.
+    assert (pixels[_width_row(4, 3, 9), 120] == blue).all()  # width 4 before step 100
+    assert (pixels[_width_row(8, 3, 9), 400] == blue).all()  # width 8 after it
+    assert not (pixels[_width_row(8, 3, 9), 120] == blue).all() and not (pixels[_width_row(4, 3, 9), 400] == blue).all()
 
 
 def test_no_threshold_draws_no_threshold_line_and_non_finite_values_are_left_out():
@@ -107,9 +110,5 @@ def test_a_change_before_the_first_snapshot_starts_the_curve_at_its_old_width():
     events = [{"step": 100, "space": "h", "op": "grow", "old_width": 4, "new_width": 8}]
     pixels = np.asarray(topology_image(history, events))
     blue = np.array(_rgb(PALETTE[0]), dtype=np.uint8)
-    # Steps [0, 200] on x in [70, 450]; widths [3, 9] on y in [40, bottom].
-    bottom = 40 + ROW_HEIGHT
-    def y(width):
-        return int(round(bottom - (width - 3) / 6 * (bottom - 40)))
-    assert (pixels[y(4), 120] == blue).all()  # width 4 until step 100
-    assert (pixels[y(8), 400] == blue).all()
+    assert (pixels[_width_row(4, 3, 9), 120] == blue).all()  # width 4 until step 100
+    assert (pixels[_width_row(8, 3, 9), 400] == blue).all()
