@@ -185,7 +185,8 @@ _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c99", "-fPIC", "-shar
 PARALLEL_ELEMENTS = 1 << 16
 
 _lock = threading.Lock()
-_state: dict = {}
+_state: dict = {}  # "lib": the loaded library or None once looked up; "pool", "pool_key": the threads
+_UNSET = object()
 
 
 def _compiler() -> Optional[str]:
@@ -266,6 +267,7 @@ def _library() -> Optional[ctypes.CDLL]:
 def reset() -> None:
     """Forget the loaded kernel, so that the next call looks again (after changing the environment)."""
     with _lock:
+        _drop_pool()
         _state.clear()
 
 
@@ -274,9 +276,17 @@ def available() -> bool:
     return _library() is not None
 
 
+def _drop_pool() -> None:
+    # A pool made in this process (one inherited through a fork has no threads here to end).
+    pool = _state.pop("pool", None)
+    if pool is not None and _state.pop("pool_key")[0] == os.getpid():
+        pool.shutdown(wait=False)
+
+
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     pool = _state.get("pool")
     if pool is None or _state.get("pool_key") != (os.getpid(), workers):  # not across a fork
+        _drop_pool()  # another thread count: the old pool's idle threads end
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="iso_lightning")
         _state.update(pool=pool, pool_key=(os.getpid(), workers))
     return pool  # type: ignore[no-any-return]
@@ -306,9 +316,21 @@ def forward(z: Tensor, outer: int, size: int, inner: int, length: float
             ) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """``(h, s, t, q)`` of contiguous float32 CPU ``z`` (``s``, ``t``, ``q`` of shape ``(outer, inner)``),
     or ``None`` when the kernel is unavailable or a squared radius is not finite."""
-    lib = _library()
-    if lib is None:
-        return None
+    lib = _state.get("lib", _UNSET)  # no lock once looked up: this runs at every forward pass
+    if lib is _UNSET:
+        lib = _library()
+    return None if lib is None else _forward(lib, z, outer, size, inner, length)
+
+
+def backward(z: Tensor, grad_h: Tensor, grad_s: Optional[Tensor], s: Tensor, t: Tensor, q: Tensor, outer: int,
+             size: int, inner: int, want_c: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``dL/dz`` (and ``c = ds/dq * (<z, dL/dh> + dL/ds)`` per group when ``want_c``) for :func:`forward`'s
+    saved tensors; ``grad_h`` and ``grad_s`` contiguous."""
+    return _backward(_state["lib"], z, grad_h, grad_s, s, t, q, outer, size, inner, want_c)
+
+
+def _forward(lib: ctypes.CDLL, z: Tensor, outer: int, size: int, inner: int, length: float
+             ) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
     h = torch.empty_like(z)
     s, t, q = (z.new_empty((outer, inner)) for _ in range(3))
     per = size * inner
@@ -321,11 +343,8 @@ def forward(z: Tensor, outer: int, size: int, inner: int, length: float
     return h, s, t, q
 
 
-def backward(z: Tensor, grad_h: Tensor, grad_s: Optional[Tensor], s: Tensor, t: Tensor, q: Tensor, outer: int,
-             size: int, inner: int, want_c: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """``dL/dz`` (and ``c = ds/dq * (<z, dL/dh> + dL/ds)`` per group when ``want_c``) for :func:`forward`'s
-    saved tensors; ``grad_h`` and ``grad_s`` contiguous."""
-    lib = _state["lib"]
+def _backward(lib: ctypes.CDLL, z: Tensor, grad_h: Tensor, grad_s: Optional[Tensor], s: Tensor, t: Tensor,
+              q: Tensor, outer: int, size: int, inner: int, want_c: bool) -> Tuple[Tensor, Optional[Tensor]]:
     grad_z = torch.empty_like(z)
     c = z.new_empty((outer, inner)) if want_c else None
     per = size * inner
@@ -344,13 +363,11 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         z = (torch.randn(outer, size, inner, generator=g) * scale).contiguous()
         gh = torch.randn(outer, size, inner, generator=g)
         gs = torch.randn(outer, inner, generator=g)
-        h, s, t, q = (torch.empty_like(z), *(z.new_empty((outer, inner)) for _ in range(3)))
-        if lib.iso_tanh_forward(z.data_ptr(), h.data_ptr(), s.data_ptr(), t.data_ptr(), q.data_ptr(), outer, size,
-                                inner, 0.25):
+        done = _forward(lib, z, outer, size, inner, 0.25)
+        if done is None:
             return False
-        gz, c = torch.empty_like(z), z.new_empty((outer, inner))
-        lib.iso_tanh_backward(z.data_ptr(), gh.data_ptr(), gs.data_ptr(), s.data_ptr(), t.data_ptr(), q.data_ptr(),
-                              gz.data_ptr(), c.data_ptr(), outer, size, inner)
+        h, s, t, q = done
+        gz, _ = _backward(lib, z, gh, gs, s, t, q, outer, size, inner, want_c=True)
         with torch.enable_grad():  # the first call comes from inside an autograd function's forward
             zd = z.double().requires_grad_()
             qd = (zd * zd).sum(1, keepdim=True) + 0.25

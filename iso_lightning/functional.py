@@ -264,19 +264,17 @@ class _IsotropicFunction(torch.autograd.Function):
             else:
                 ctx.length_sign = torch.where(raw >= 0, 1.0, -1.0).to(raw.dtype) * (raw.abs() <= length_cap)
                 length = raw.abs().clamp(max=length_cap)
-        if common and z.dtype == torch.float32 and z.is_contiguous() and z.numel():
+        if common and z.dtype == torch.float32 and z.is_contiguous() and z.numel() \
+                and (not isinstance(length, Tensor) or length.numel() == 1):
             # The compiled kernel: one pass forward, one backward (see iso_lightning._kernel).
-            scalar: Optional[float] = 0.0 if length is None else float(length) \
-                if isinstance(length, (int, float)) or length.numel() == 1 else None
-            if scalar is not None:
-                outer, size = math.prod(z.shape[:dim]), z.shape[dim]
-                inner = z.numel() // (outer * size)
-                done = _kernel.forward(z, outer, size, inner, scalar)
-                if done is not None:
-                    h, s, t, q = done
-                    ctx.kernel = (outer, size, inner)
-                    ctx.save_for_backward(z, s, t, q)
-                    return h, s.view(z.shape[:dim] + (1,) + z.shape[dim + 1:])
+            outer, size = math.prod(z.shape[:dim]), z.shape[dim]
+            inner = z.numel() // (outer * size)
+            done = _kernel.forward(z, outer, size, inner, 0.0 if length is None else float(length))
+            if done is not None:
+                h, s, t, q = done
+                ctx.kernel = (outer, size, inner)
+                ctx.save_for_backward(z, s, t, q)
+                return h, s.view(z.shape[:dim] + (1,) + z.shape[dim + 1:])
         ctx.kernel = None
         if common:
             # The common case in as few operations as possible: at these sizes the cost of a step is
@@ -333,16 +331,7 @@ class _IsotropicFunction(torch.autograd.Function):
             zg = zg + grad_s
         c = zg.mul_(slope)
         grad_z = torch.mul(grad_h, s_full, out=buffer).addcmul_(_expand(c, dim, group_index), z, value=2.0)
-        grad_length = None
-        if ctx.length_shape is not None and ctx.needs_input_grad[1]:
-            sign = ctx.length_sign
-            if group_index is None:
-                grad_length = c.sum().reshape(ctx.length_shape)
-            else:
-                other = [d for d in range(c.dim()) if d != dim]
-                grad_length = c.sum(dim=other).reshape(ctx.length_shape) if other else c.reshape(ctx.length_shape)
-            if sign is not None:
-                grad_length = grad_length * sign
+        grad_length = _IsotropicFunction._length_grad(ctx, c) if _IsotropicFunction._wants_length_grad(ctx) else None
         return grad_z, grad_length, None, None, None, None, None
 
     @staticmethod
@@ -351,15 +340,24 @@ class _IsotropicFunction(torch.autograd.Function):
         outer, size, inner = ctx.kernel
         grad_h = torch.zeros_like(z) if grad_h is None else grad_h.contiguous()
         grad_s = None if grad_s is None else grad_s.contiguous()
-        want_c = ctx.length_shape is not None and ctx.needs_input_grad[1]
+        want_c = _IsotropicFunction._wants_length_grad(ctx)
         grad_z, c = _kernel.backward(z, grad_h, grad_s, s, t, q, outer, size, inner, want_c)
-        grad_length = None
-        if want_c:
-            assert c is not None
-            grad_length = c.sum().reshape(ctx.length_shape)
-            if ctx.length_sign is not None:
-                grad_length = grad_length * ctx.length_sign
+        grad_length = None if c is None else _IsotropicFunction._length_grad(ctx, c)  # c only when wanted
         return grad_z, grad_length, None, None, None, None, None
+
+    @staticmethod
+    def _wants_length_grad(ctx) -> bool:  # type: ignore[no-untyped-def]
+        return ctx.length_shape is not None and bool(ctx.needs_input_grad[1])
+
+    @staticmethod
+    def _length_grad(ctx, c: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
+        """``dL/do`` from the per-group ``c``: summed over everything but the group axis, times ``d o / d length``."""
+        if ctx.group_index is None:
+            grad = c.sum().reshape(ctx.length_shape)
+        else:
+            other = [d for d in range(c.dim()) if d != ctx.dim]
+            grad = c.sum(dim=other).reshape(ctx.length_shape) if other else c.reshape(ctx.length_shape)
+        return grad if ctx.length_sign is None else grad * ctx.length_sign
 
 
 def isotropic_with_scale(

@@ -253,7 +253,7 @@ def topology_image(history: Sequence[Mapping[str, Any]], events: Sequence[Mappin
             for x in range(left, right, 12):  # dashed
                 draw.line([(x, y), (min(x + 6, right), y)], fill=_THRESHOLD, width=1)
             label = f"threshold {threshold:g}"
-            box = draw.textbbox((right - 6, y - 3), label, font=small, anchor="rd")
-            draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill="white")  # over the dots
+            x0, y0, x1, y1 = draw.textbbox((right - 6, y - 3), label, font=small, anchor="rd")
+            draw.rectangle((x0 - 2, y0 - 1, x1 + 2, y1 + 1), fill="white")  # over the dots
             draw.text((right - 6, y - 3), label, fill=_THRESHOLD, font=small, anchor="rd")
     return image
