@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["AxisTransform", "DenseRotation", "Extension", "HouseholderRotation", "Selection"]
+__all__ = ["AxisTransform", "DenseRotation", "Extension", "HouseholderRotation", "Selection", "all_finite"]
 
 # Rotations of large tensors are applied in place, a slab at a time, so that a shrink of a layer with
 # 150,528 inputs never holds a second copy of its weight.
@@ -33,6 +33,10 @@ _SLAB_ELEMENTS = 1 << 22
 
 class AxisTransform:
     """A linear map of a tensor axis; subclasses implement the two rules."""
+
+    #: Whether finite values can map to non-finite ones: a rotation of values near the dtype's
+    #: largest overflows; a selection or an extension only copies them (and the new entries).
+    may_overflow = False
 
     def new_size(self, n: int) -> int:
         raise NotImplementedError
@@ -87,6 +91,8 @@ def _slabbed(view: Tensor, fn, inplace: bool) -> Tensor:  # type: ignore[no-unty
 class DenseRotation(AxisTransform):
     """An orthogonal ``n x n`` matrix ``M`` (columns are the new basis vectors)."""
 
+    may_overflow = True
+
     def __init__(self, matrix: Tensor) -> None:
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"Expected a square rotation matrix, but got shape {tuple(matrix.shape)}.")
@@ -117,6 +123,8 @@ class HouseholderRotation(AxisTransform):
     Applying it costs :math:`O(k\,n)` per column instead of :math:`O(n^2)`, which is what makes removing
     a few neurons from a wide layer cheap. Built from :func:`torch.geqrf` output.
     """
+
+    may_overflow = True
 
     def __init__(self, reflectors: Tensor, tau: Tensor) -> None:
         n, k = reflectors.shape
@@ -267,6 +275,13 @@ def _low_rank_update(view: Tensor, scale: Optional[Tensor], left: Tensor, right_
             else:
                 torch.add(block, torch.matmul(left, small), out=target)
     return out
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: one reduction (a NaN or infinity makes the sum
+    non-finite), the element-wise test only when the sum is not finite (large finite values too)."""
+    t = t.detach()
+    return not t.is_floating_point() or bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class Selection(AxisTransform):

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from iso_lightning import transaction
 from iso_lightning._validation import check_int
-from iso_lightning.axis import AxisTransform, DenseRotation, Extension, HouseholderRotation, Selection
+from iso_lightning.axis import AxisTransform, DenseRotation, Extension, HouseholderRotation, Selection, all_finite
 from iso_lightning.errors import NonFiniteError
 from iso_lightning.linalg import full_precision, left_basis, weakest_directions
 from iso_lightning.linalg import singular_values as matrix_singular_values
@@ -164,40 +164,54 @@ def _check_on_unknown(on_unknown: Any) -> None:
 
 
 def _check_finite_tensor(label: str, what: str, t: Tensor, space: NeuronSpace) -> None:
-    # One reduction first: a NaN or Inf anywhere makes the sum non-finite. Only then (or on an
-    # overflowing sum of finite values) pay for the element-wise test.
-    if not t.is_floating_point() or bool(torch.isfinite(t.detach().sum())):
-        return
-    if not bool(torch.isfinite(t.detach()).all()):
+    if not all_finite(t):
         bad = int((~torch.isfinite(t.detach())).sum())
         raise NonFiniteError(
             f"Space `{space.name}`: {what} `{label}` holds {bad} non-finite value(s); refusing to operate on it."
         )
 
 
-def _check_result(label: str, what: str, t: Tensor) -> None:
-    """Refuse a new value that is not finite (finite inputs whose transform overflows the dtype)."""
-    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+def _check_result(label: str, what: str, t: Tensor, before: Optional[Tensor] = None,
+                  space: Optional[NeuronSpace] = None) -> None:
+    """Refuse a new value that is not finite (finite inputs whose transform overflows the dtype).
+
+    ``before`` (with ``space``): the input, whose own check was deferred to this one (see
+    :func:`check_space`); a non-finite input is then reported as such.
+    """
+    if all_finite(t):
         return
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(
-            f"The operation would write non-finite values into {what} `{label}` (its values are too large for "
-            f"{t.dtype}); refusing it, nothing was changed."
-        )
+    if before is not None and space is not None:
+        _check_finite_tensor(label, what, before, space)
+    raise NonFiniteError(
+        f"The operation would write non-finite values into {what} `{label}` (its values are too large for "
+        f"{t.dtype}); refusing it, nothing was changed."
+    )
 
 
-def check_space(space: NeuronSpace) -> None:
+def _neuron_tensors(spaces: Sequence[NeuronSpace]) -> set:
+    return {id(b.tensor) for sp in spaces for b in sp.neuron_bindings()}
+
+
+def check_space(space: NeuronSpace, defer: bool = False) -> None:
     """Refuse a space whose tensors cannot be changed safely (raises before anything changes).
 
     Checks that surgery is not inside ``torch.inference_mode()`` (it would turn gradients and
     optimizer state into inference tensors), that every bound tensor is a registered parameter or
     buffer without a parametrization, and that values and gradients are finite.
+
+    ``defer=True`` leaves the gradients of the neuron-indexed tensors to the operation, which must
+    change each of them first by a :class:`~iso_lightning.axis.HouseholderRotation` applied with
+    ``verify=True``. Every entry of such a rotation's result adds its own input entry, so a NaN or
+    an infinity of the input reaches the result, whose check (needed anyway against overflow) then
+    covers the input too: one pass over each gradient instead of two. A refusal there is undone by
+    the transaction like any other.
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             f"Space `{space.name}`: neuron operations cannot run inside `torch.inference_mode()` (the new tensors "
             "would be inference tensors and every later optimizer step would fail); use `torch.no_grad()` instead."
         )
+    deferred = _neuron_tensors([space]) if defer else set()
     for b in space.bindings:
         module = b.module
         if nn.utils.parametrize.is_parametrized(module, b.name):
@@ -217,7 +231,7 @@ def check_space(space: NeuronSpace) -> None:
             raise RuntimeError(f"Space `{space.name}`: tensor `{b.label}` is an inference tensor; it cannot be "
                                "resized.")
         _check_finite_tensor(b.label, "tensor", t, space)
-        if t.grad is not None:
+        if t.grad is not None and id(t) not in deferred:
             _check_finite_tensor(b.label, "the gradient of", t.grad, space)
 
 
@@ -231,12 +245,14 @@ def _params(spaces: Sequence[NeuronSpace]) -> Tuple[List[Tensor], Dict[int, str]
     return list(tensors.values()), names
 
 
-def remapper_for(optimizer: OptimizerArg, on_unknown: str, *spaces: NeuronSpace) -> StateRemapper:
-    """A :class:`~iso_lightning.optim.StateRemapper` validated for every tensor of ``spaces``."""
+def remapper_for(optimizer: OptimizerArg, on_unknown: str, *spaces: NeuronSpace, defer: bool = False
+                 ) -> StateRemapper:
+    """A :class:`~iso_lightning.optim.StateRemapper` validated for every tensor of ``spaces``
+    (``defer``: the state of the neuron-indexed tensors is checked finite later, as in :func:`check_space`)."""
     _check_on_unknown(on_unknown)
     remapper = StateRemapper(optimizer, on_unknown)
     params, names = _params(spaces)
-    remapper.validate(params, names)
+    remapper.validate(params, names, unchecked=_neuron_tensors(spaces) if defer else ())
     return remapper
 
 
@@ -246,14 +262,21 @@ def _in_place(t: Tensor, transform: AxisTransform) -> bool:
     return transform.is_rotation and limit is not None and t.numel() > limit and t.is_contiguous()
 
 
-def _apply(binding: Binding, transform: AxisTransform, remapper: StateRemapper, tx: Transaction,
-           fill: Optional[Tensor] = None) -> None:
-    """Apply ``transform`` to one bound tensor, its gradient and its optimizer state."""
+def _apply(space: NeuronSpace, binding: Binding, transform: AxisTransform, remapper: StateRemapper,
+           tx: Transaction, fill: Optional[Tensor] = None, verify: bool = False) -> None:
+    """Apply ``transform`` to one bound tensor, its gradient and its optimizer state.
+
+    ``verify``: the gradient and the state have not been checked finite yet (``check_space`` and
+    ``remapper_for`` with ``defer=True``); ``transform`` must then be a rotation.
+    """
     t = binding.tensor
     shape = tuple(t.shape)
     inplace = _in_place(t, transform)
-    remapper.apply(t, binding.view, lambda v: binding.shape_back(v, shape), transform, inplace)
+    assert not verify or transform.may_overflow, "deferred checks are made by a rotation's result check"
+    remapper.apply(t, binding.view, lambda v: binding.shape_back(v, shape), transform, inplace, verify=verify)
     grad = t.grad
+    if inplace and verify and grad is not None:  # overwritten below: checked first
+        _check_finite_tensor(binding.label, "the gradient of", grad, space)
     if inplace:
         inverse = transform.inverse()
         for target in (t.detach(), grad):
@@ -264,9 +287,14 @@ def _apply(binding: Binding, transform: AxisTransform, remapper: StateRemapper, 
         return
     new_grad = None if grad is None else binding.shape_back(transform.linear(binding.view(grad)), shape)
     new = binding.shape_back(transform.linear(binding.view(t.detach()), fill), shape)
-    if new_grad is not None:
-        _check_result(binding.label, "the gradient of", new_grad)
-    _check_result(binding.label, "tensor", new)
+    # The values and gradients were checked finite (check_space): only a rotation can make them
+    # overflow; a selection or an extension copies them, and only its new entries need a look.
+    if transform.may_overflow:
+        if new_grad is not None:
+            _check_result(binding.label, "the gradient of", new_grad, grad if verify else None, space)
+        _check_result(binding.label, "tensor", new)
+    elif fill is not None:
+        _check_result(binding.label, "tensor", fill)
     if grad is not None:
         tx.set_grad(t, None)  # a gradient must keep the parameter's shape: swap it after the values
     tx.replace(t, new)
@@ -282,9 +310,9 @@ def _random(shape: Sequence[int], scale: float, like: Tensor, generator: Optiona
 
 
 def _transform_neurons(space: NeuronSpace, transform: AxisTransform, remapper: StateRemapper, tx: Transaction,
-                       fills: Optional[Callable[[Binding], Optional[Tensor]]] = None) -> None:
+                       fills: Optional[Callable[[Binding], Optional[Tensor]]] = None, verify: bool = False) -> None:
     for binding in space.neuron_bindings():
-        _apply(binding, transform, remapper, tx, None if fills is None else fills(binding))
+        _apply(space, binding, transform, remapper, tx, None if fills is None else fills(binding), verify)
 
 
 @full_precision
@@ -551,7 +579,7 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: OptimizerArg = None, scal
             for binding in space.group_bindings():
                 view = binding.view(binding.tensor)
                 value = act.activation.length_init if binding.role == Role.LENGTH else 0.0
-                _apply(binding, Extension(new_groups), remapper, tx,
+                _apply(space, binding, Extension(new_groups), remapper, tx,
                        view.new_full((view.shape[0], new_groups, view.shape[2]), value))
         if isotropic:
             _set_group_index(space, torch.cat([index, torch.tensor(assignment, dtype=torch.long)]), tx)
@@ -636,7 +664,7 @@ def _remove_groups(space: NeuronSpace, groups: Sequence[int], remapper: StateRem
     _transform_neurons(space, Selection(keep), remapper, tx)
     keep_groups = torch.tensor([g for g in range(count) if g not in set(groups)], dtype=torch.long)
     for binding in space.group_bindings():
-        _apply(binding, Selection(keep_groups), remapper, tx)
+        _apply(space, binding, Selection(keep_groups), remapper, tx)
     if isinstance(act, IsotropicSpaceActivation):
         remaining = index[keep]
         renumber = torch.full((count,), -1, dtype=torch.long)
@@ -798,14 +826,17 @@ def shrink(space: NeuronSpace, n: int = 1, *, optimizer: OptimizerArg = None, pr
             f"Expected argument `n` to be at most {width - space.min_width} for `{space.name}` (width {width}): a "
             f"space keeps at least {what}, but got n={n}."
         )
-    check_space(space)
+    # Removing directions rotates every neuron-indexed tensor first, with Householder reflectors
+    # unless there are more than sqrt(width) of them: its result checks cover its inputs.
+    defer = not space.singleton_groups and n * n <= width
+    check_space(space, defer=defer)
     h = None if expectation is None else _expectation(space, expectation)
-    remapper = remapper_for(optimizer, on_unknown, space)
+    remapper = remapper_for(optimizer, on_unknown, space, defer=defer)
     before = _probe(space, probe)
     if space.singleton_groups:
         report = _shrink_neurons(space, n, remapper, h)
     else:
-        report = _shrink_directions(space, n, remapper, h)
+        report = _shrink_directions(space, n, remapper, h, verify=defer)
     report.measured_error = _probe_error(space, probe, before)
     return report
 
@@ -843,7 +874,8 @@ def _shrink_neurons(space: NeuronSpace, n: int, remapper: StateRemapper, h: Opti
                          exact=exact, details=details)
 
 
-def _shrink_directions(space: NeuronSpace, n: int, remapper: StateRemapper, h: Optional[Tensor]) -> SurgeryReport:
+def _shrink_directions(space: NeuronSpace, n: int, remapper: StateRemapper, h: Optional[Tensor],
+                       verify: bool = False) -> SurgeryReport:
     a = space.incoming_matrix()
     rows_by_group = _group_rows(space)
     label = f"Space `{space.name}`"
@@ -866,13 +898,13 @@ def _shrink_directions(space: NeuronSpace, n: int, remapper: StateRemapper, h: O
         removed.append(rows[:k])
     v_all, tau_all = torch.cat(reflectors, 1), torch.cat(taus)
     rotation: AxisTransform = HouseholderRotation.from_vectors(v_all, tau_all)
-    if v_all.shape[1] ** 2 > width:
+    if v_all.shape[1] ** 2 > width:  # see `defer` in shrink
         rotation = DenseRotation(rotation.dense())  # type: ignore[attr-defined]
     removed_idx = torch.sort(torch.cat(removed)).values
     index_before = space.group_index()
     device = _device(space)
     with atomic() as tx:
-        _transform_neurons(space, rotation, remapper, tx)
+        _transform_neurons(space, rotation, remapper, tx, verify=verify)
         if h is None:
             details = _fold_directions(space, removed_idx, tx)
         else:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from iso_lightning.axis import AxisTransform
+from iso_lightning.axis import AxisTransform, all_finite
 from iso_lightning.errors import NonFiniteError
 from iso_lightning.transaction import Transaction, atomic
 
@@ -183,9 +183,10 @@ def _reset_state(opt: Optimizer, param: Tensor, tx: Transaction) -> None:
         tx.delete_item(opt.state, param)
 
 
-def _finite(t: Tensor) -> bool:
-    # One reduction first (a NaN or Inf makes the sum non-finite); the element-wise test only then.
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+def _state_error(key: str, name: str, value: Tensor) -> NonFiniteError:
+    bad = int((~torch.isfinite(value)).sum())
+    return NonFiniteError(f"Optimizer state `{key}` of parameter `{name}` holds {bad} non-finite value(s); refusing "
+                          "to remap it (the change would spread them).")
 
 
 class StateRemapper:
@@ -219,11 +220,13 @@ class StateRemapper:
     def owner(self, param: Tensor) -> Optional[Tuple[Optimizer, Mapping[str, object]]]:
         return self._owner.get(id(param))
 
-    def validate(self, params: Iterable[Tensor], names: Mapping[int, str]) -> None:
+    def validate(self, params: Iterable[Tensor], names: Mapping[int, str], unchecked: Collection[int] = ()) -> None:
         """Raise before anything changes if a parameter cannot be remapped.
 
         Checks that every trainable parameter is held by one of the optimizers, that each owner
-        has a rule (or ``on_unknown="reset"``), and that its state tensors are shaped like it.
+        has a rule (or ``on_unknown="reset"``), and that its state tensors are shaped like it and
+        finite (except for the parameters whose ``id`` is in ``unchecked``: :meth:`apply` with
+        ``verify=True`` checks theirs).
         """
         if not self.optimizers:
             return
@@ -272,21 +275,19 @@ class StateRemapper:
                         f"Optimizer state `{key}` of parameter `{name}` has shape {tuple(value.shape)}, "
                         f"but the parameter has shape {tuple(p.shape)}: the optimizer does not match the model."
                     )
-                if isinstance(value, Tensor) and value.is_floating_point() and not _finite(value):
-                    bad = int((~torch.isfinite(value)).sum())
-                    raise NonFiniteError(
-                        f"Optimizer state `{key}` of parameter `{name}` holds {bad} non-finite value(s); refusing "
-                        "to remap it (the change would spread them)."
-                    )
+                if isinstance(value, Tensor) and id(p) not in unchecked and not all_finite(value):
+                    raise _state_error(key, name, value)
 
     def apply(self, param: Tensor, view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor],
-              transform: AxisTransform, inplace: bool = False) -> None:
+              transform: AxisTransform, inplace: bool = False, verify: bool = False) -> None:
         """Remap the state of ``param`` (called before the parameter itself changes shape).
 
         New state tensors replace the old ones in the state dict, through the enclosing
         :func:`~iso_lightning.transaction.atomic` block, so a failure later in the operation restores them.
         With ``inplace`` (a rotation of a very wide tensor) first moments are rotated in place and
         restored by the inverse rotation; second moments are always staged (their rule has no inverse).
+        ``verify``: the state was not checked finite by :meth:`validate`; ``transform`` is a rotation
+        whose result check, which runs anyway, covers it (see ``operations.check_space``).
         """
         found = self.owner(param)
         if found is None:
@@ -300,12 +301,12 @@ class StateRemapper:
             state = opt.state.get(param)
             if state:
                 self._remap(state, group, rule, param, view_of, shape_back, transform, tx, inplace,
-                            self._names.get(id(param), "<parameter>"))
+                            self._names.get(id(param), "<parameter>"), verify)
 
     @staticmethod
     def _remap(state: Dict[str, object], group: Mapping[str, object], rule: OptimizerRule, param: Tensor,
                view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor], transform: AxisTransform,
-               tx: Transaction, inplace: bool, name: str = "<parameter>") -> None:
+               tx: Transaction, inplace: bool, name: str = "<parameter>", verify: bool = False) -> None:
         new_state = dict(state)
         for key, value in list(state.items()):
             if not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
@@ -316,6 +317,8 @@ class StateRemapper:
                     "(call `validate` before `apply` to refuse this before anything changes)."
                 )
             view = view_of(value)
+            if verify and inplace and not all_finite(value):  # overwritten below: checked first
+                raise _state_error(key, name, value)
             if inplace and (key in rule.linear or key in rule.quadratic) and view.data_ptr() == value.data_ptr() \
                     and value.is_contiguous():
                 # A tensor too large for a second copy (see transaction.IN_PLACE_ELEMENTS), rotated after
@@ -346,13 +349,20 @@ class StateRemapper:
         if rule.fixup is not None:
             # Fixups may update the tensors just made in place: they are not the optimizer's old ones.
             rule.fixup(new_state, group)
-        for key, value in new_state.items():
-            if value is not state.get(key) and isinstance(value, Tensor) and value.is_floating_point() \
-                    and not _finite(value):
-                raise NonFiniteError(
-                    f"The operation would write non-finite values into optimizer state `{key}` of parameter "
-                    f"`{name}` (its values are too large for {value.dtype}); refusing it, nothing was changed."
-                )
+        # The state was checked finite (validate): only a rotation, the squares of the "rms" rule or
+        # a fixup can make it overflow; a selection or an extension copies it (and finite fills).
+        may_overflow = transform.may_overflow or bool(rule.rms) or rule.fixup is not None or bool(rule.fill)
+        bad = [key for key, value in new_state.items() if may_overflow and value is not state.get(key)
+               and isinstance(value, Tensor) and not all_finite(value)]
+        if bad:
+            for key, value in state.items() if verify else ():  # a non-finite input, reported as such
+                if isinstance(value, Tensor) and not all_finite(value):
+                    raise _state_error(key, name, value)
+            dtype = new_state[bad[0]].dtype  # type: ignore[attr-defined]
+            raise NonFiniteError(
+                f"The operation would write non-finite values into optimizer state `{bad[0]}` of parameter "
+                f"`{name}` (its values are too large for {dtype}); refusing it, nothing was changed."
+            )
         for key, value in new_state.items():
             if value is not state.get(key):
                 tx.set_item(state, key, value)

@@ -556,6 +556,29 @@ def test_07_non_finite_gradients_are_refused(op, param, bad):
             match=rf"the gradient of `{param}` holds 1 non-finite")
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])  # width 6: n * n <= 6 rotates by reflectors, 3 * 3 > 6 densely
+@pytest.mark.parametrize("where", ["gradient", "exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_07_a_shrink_whose_rotation_checks_its_inputs_refuses_them_by_name(n, where, bad):
+    # Removing directions checks gradients and state through the rotation's result check (one pass,
+    # not two): a non-finite input must still be refused as an input, by name, changing nothing.
+    net, opt = mlp()
+    p = net.layers[1].weight  # the next layer: its columns are rotated
+    target = p.grad if where == "gradient" else opt.state[p][where]
+    target[2, 3] = abs(bad) if where == "exp_avg_sq" else bad
+    match = (r"the gradient of `layers.1.weight` holds 1 non-finite" if where == "gradient"
+             else rf"Optimizer state `{where}` of parameter `layers.1.weight` holds 1 non-finite")
+    refused(lambda: net.shrink(0, n, optimizer=opt), net, opt, error=NonFiniteError, match=match)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_07_a_rotation_that_overflows_a_finite_gradient_is_refused_as_an_overflow(n):
+    net, opt = mlp()
+    net.layers[0].weight.grad.fill_(3e38)  # finite; a rotation mixing its rows overflows float32
+    refused(lambda: net.shrink(0, n, optimizer=opt), net, opt, error=NonFiniteError,
+            match=r"would write non-finite values into the gradient of `layers.0.weight`")
+
+
 def test_07_nan_in_a_gradient_before_diagonalisation_and_full_diagonalisation():
     net, opt = mlp(psi="none")
     net.layers[1].weight.grad[0, 0] = math.nan
