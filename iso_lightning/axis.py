@@ -247,6 +247,8 @@ def _low_rank_update(view: Tensor, scale: Optional[Tensor], left: Tensor, right_
                 target.addmm_(left, small)
             elif inplace:
                 target.addmm_(left, small)
+            elif left.shape[1] == 1:  # one reflector: an element-wise pass (addmm copies, then updates)
+                torch.addcmul(block, left, small, out=target)
             else:
                 torch.addmm(block, left, small, out=target)
     elif rest == 1:
@@ -260,6 +262,8 @@ def _low_rank_update(view: Tensor, scale: Optional[Tensor], left: Tensor, right_
                 target.addmm_(small, left.T)
             elif inplace:
                 target.addmm_(small, left.T)
+            elif left.shape[1] == 1:
+                torch.addcmul(block, small, left.T, out=target)
             else:
                 torch.addmm(block, small, left.T, out=target)
     else:
