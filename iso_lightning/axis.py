@@ -19,6 +19,7 @@ permutations, selections and extensions and a diagonal approximation for a gener
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -285,7 +286,7 @@ def all_finite(t: Tensor) -> bool:
     """Whether every entry of ``t`` is finite: one reduction (a NaN or infinity makes the sum
     non-finite), the element-wise test only when the sum is not finite (large finite values too)."""
     t = t.detach()
-    return not t.is_floating_point() or bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    return not t.is_floating_point() or math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class Selection(AxisTransform):
