@@ -38,6 +38,10 @@ class AxisTransform:
     #: Whether finite values can map to non-finite ones: a rotation of values near the dtype's
     #: largest overflows; a selection or an extension only copies them (and the new entries).
     may_overflow = False
+    #: Whether every output entry adds its own input entry (:math:`X' = \mathrm{diag}(s) X + \ldots`),
+    #: so that a NaN or an infinity of the input always reaches the result and the result's check
+    #: covers the input too (a dense product may skip zero coefficients in BLAS; a selection drops).
+    carries_input = False
 
     def new_size(self, n: int) -> int:
         raise NotImplementedError
@@ -126,6 +130,7 @@ class HouseholderRotation(AxisTransform):
     """
 
     may_overflow = True
+    carries_input = True
 
     def __init__(self, reflectors: Tensor, tau: Tensor) -> None:
         n, k = reflectors.shape

@@ -200,11 +200,11 @@ def check_space(space: NeuronSpace, defer: bool = False) -> None:
     buffer without a parametrization, and that values and gradients are finite.
 
     ``defer=True`` leaves the gradients of the neuron-indexed tensors to the operation, which must
-    change each of them first by a :class:`~iso_lightning.axis.HouseholderRotation` applied with
-    ``verify=True``. Every entry of such a rotation's result adds its own input entry, so a NaN or
-    an infinity of the input reaches the result, whose check (needed anyway against overflow) then
-    covers the input too: one pass over each gradient instead of two. A refusal there is undone by
-    the transaction like any other.
+    change each of them first, with ``verify=True``, by a transform that carries its input into its
+    result (:attr:`~iso_lightning.axis.AxisTransform.carries_input`, a Householder rotation): a NaN
+    or an infinity of the input then reaches the result, whose check (needed anyway against
+    overflow) covers the input too, one pass over each gradient instead of two. A refusal there is
+    undone by the transaction like any other.
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -267,12 +267,12 @@ def _apply(space: NeuronSpace, binding: Binding, transform: AxisTransform, remap
     """Apply ``transform`` to one bound tensor, its gradient and its optimizer state.
 
     ``verify``: the gradient and the state have not been checked finite yet (``check_space`` and
-    ``remapper_for`` with ``defer=True``); ``transform`` must then be a rotation.
+    ``remapper_for`` with ``defer=True``); ``transform`` must then carry its input (see there).
     """
     t = binding.tensor
     shape = tuple(t.shape)
     inplace = _in_place(t, transform)
-    assert not verify or transform.may_overflow, "deferred checks are made by a rotation's result check"
+    assert not verify or transform.carries_input, "a deferred check needs a result that carries the input"
     remapper.apply(t, binding.view, lambda v: binding.shape_back(v, shape), transform, inplace, verify=verify)
     grad = t.grad
     if inplace and verify and grad is not None:  # overwritten below: checked first
@@ -826,9 +826,9 @@ def shrink(space: NeuronSpace, n: int = 1, *, optimizer: OptimizerArg = None, pr
             f"Expected argument `n` to be at most {width - space.min_width} for `{space.name}` (width {width}): a "
             f"space keeps at least {what}, but got n={n}."
         )
-    # Removing directions rotates every neuron-indexed tensor first, with Householder reflectors
-    # unless there are more than sqrt(width) of them: its result checks cover its inputs.
-    defer = not space.singleton_groups and n * n <= width
+    # Removing directions rotates every neuron-indexed tensor first, by Householder reflectors
+    # (unless they are many), whose result checks cover their inputs.
+    defer = not space.singleton_groups and not _dense_removal(n, width)
     check_space(space, defer=defer)
     h = None if expectation is None else _expectation(space, expectation)
     remapper = remapper_for(optimizer, on_unknown, space, defer=defer)
@@ -874,6 +874,12 @@ def _shrink_neurons(space: NeuronSpace, n: int, remapper: StateRemapper, h: Opti
                          exact=exact, details=details)
 
 
+def _dense_removal(k: int, width: int) -> bool:
+    # k reflectors cost O(k n) per column and their squared-entry rule O(k^2 n): a dense n x n
+    # rotation is the cheaper one beyond k^2 > n.
+    return k * k > width
+
+
 def _shrink_directions(space: NeuronSpace, n: int, remapper: StateRemapper, h: Optional[Tensor],
                        verify: bool = False) -> SurgeryReport:
     a = space.incoming_matrix()
@@ -898,7 +904,7 @@ def _shrink_directions(space: NeuronSpace, n: int, remapper: StateRemapper, h: O
         removed.append(rows[:k])
     v_all, tau_all = torch.cat(reflectors, 1), torch.cat(taus)
     rotation: AxisTransform = HouseholderRotation.from_vectors(v_all, tau_all)
-    if v_all.shape[1] ** 2 > width:  # see `defer` in shrink
+    if _dense_removal(v_all.shape[1], width):
         rotation = DenseRotation(rotation.dense())  # type: ignore[attr-defined]
     removed_idx = torch.sort(torch.cat(removed)).values
     index_before = space.group_index()

@@ -286,8 +286,8 @@ class StateRemapper:
         :func:`~iso_lightning.transaction.atomic` block, so a failure later in the operation restores them.
         With ``inplace`` (a rotation of a very wide tensor) first moments are rotated in place and
         restored by the inverse rotation; second moments are always staged (their rule has no inverse).
-        ``verify``: the state was not checked finite by :meth:`validate`; ``transform`` is a rotation
-        whose result check, which runs anyway, covers it (see ``operations.check_space``).
+        ``verify``: the state was not checked finite by :meth:`validate`; ``transform`` carries its
+        input into its result, whose check, which runs anyway, covers it (see ``operations.check_space``).
         """
         found = self.owner(param)
         if found is None:
@@ -352,8 +352,8 @@ class StateRemapper:
         # The state was checked finite (validate): only a rotation, the squares of the "rms" rule or
         # a fixup can make it overflow; a selection or an extension copies it (and finite fills).
         may_overflow = transform.may_overflow or bool(rule.rms) or rule.fixup is not None or bool(rule.fill)
-        bad = [key for key, value in new_state.items() if may_overflow and value is not state.get(key)
-               and isinstance(value, Tensor) and not all_finite(value)]
+        bad = [key for key, value in new_state.items() if value is not state.get(key)
+               and isinstance(value, Tensor) and not all_finite(value)] if may_overflow else []
         if bad:
             for key, value in state.items() if verify else ():  # a non-finite input, reported as such
                 if isinstance(value, Tensor) and not all_finite(value):
