@@ -121,7 +121,8 @@ def test_zero_singular_values_are_removed_exactly(kind: str, zeros: int, threads
 def test_iteration_hands_clustered_spectra_to_the_dense_route(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     dense = linalg._bottom_eigenpairs
-    monkeypatch.setattr(linalg, "_bottom_eigenpairs", lambda g, count: calls.append(count) or dense(g, count))
+    monkeypatch.setattr(linalg, "_bottom_eigenpairs",
+                        lambda g, count, *dtype: calls.append(count) or dense(g, count, *dtype))
     _net(_spectrum("clustered")).shrink(0, 1)
     assert calls == [1 + linalg._ITER_EXTRA], "a slow iteration switches to a dense decomposition of the same matrix"
     calls.clear()
