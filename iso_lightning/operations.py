@@ -25,7 +25,10 @@ A rotation of ``k`` Householder reflectors brings them to the first positions, t
     \psi_{out}[:, G] \mathrel{+}= \textstyle\sum_k W_{out}[:, k]\, b_k,
 
 absorb their constant part, and a selection drops them. When their rows of ``A`` are zero the
-removal is exact. Each group keeps at least one neuron (:func:`remove_group` removes a whole group).
+removal is exact. Neurons whose rows are exactly zero (grown and not trained yet) already are null
+directions: when there are at least ``k`` of them, the last ones are removed as they are, without a
+decomposition or a rotation of the others. Each group keeps at least one neuron
+(:func:`remove_group` removes a whole group).
 
 In a space whose groups are single neurons (an elementwise activation such as GELU or ReLU, or
 ``group_size=1``), shrink removes the ``k`` neurons with the smallest incoming row norm (the
@@ -826,9 +829,12 @@ def shrink(space: NeuronSpace, n: int = 1, *, optimizer: OptimizerArg = None, pr
             f"Expected argument `n` to be at most {width - space.min_width} for `{space.name}` (width {width}): a "
             f"space keeps at least {what}, but got n={n}."
         )
-    # Removing directions rotates every neuron-indexed tensor first, by Householder reflectors
-    # (unless they are many), whose result checks cover their inputs.
-    defer = not space.singleton_groups and not _dense_removal(n, width)
+    # Exact zero rows of the incoming matrix (neurons grown and not trained yet) are null directions:
+    # removing them needs no decomposition and no rotation. Otherwise every neuron-indexed tensor is
+    # rotated first, by Householder reflectors (unless they are many), whose result checks cover
+    # their inputs.
+    zero = None if space.singleton_groups else _zero_row_removals(space, n)
+    defer = zero is None and not space.singleton_groups and not _dense_removal(n, width)
     check_space(space, defer=defer)
     h = None if expectation is None else _expectation(space, expectation)
     remapper = remapper_for(optimizer, on_unknown, space, defer=defer)
@@ -836,7 +842,7 @@ def shrink(space: NeuronSpace, n: int = 1, *, optimizer: OptimizerArg = None, pr
     if space.singleton_groups:
         report = _shrink_neurons(space, n, remapper, h)
     else:
-        report = _shrink_directions(space, n, remapper, h, verify=defer)
+        report = _shrink_directions(space, n, remapper, h, verify=defer, zero_rows=zero)
     report.measured_error = _probe_error(space, probe, before)
     return report
 
@@ -880,8 +886,75 @@ def _dense_removal(k: int, width: int) -> bool:
     return k * k > width
 
 
+def _zero_row_removals(space: NeuronSpace, n: int) -> Optional[Tensor]:
+    """``n`` neurons with zero incoming rows to remove (each group keeps a neuron), or ``None``."""
+    zero = space.zero_rows()
+    if zero.numel() < n:
+        return None
+    mask = torch.zeros(space.width, dtype=torch.bool)
+    mask[zero] = True
+    # The last ones of each group: grown neurons sit at the end, and a removal there leaves a run of
+    # the first neurons, which is a narrow view of every tensor rather than a copy.
+    candidates = [rows[mask[rows]][-(rows.numel() - 1):] if rows.numel() > 1 else rows[:0]
+                  for rows in _group_rows(space)]
+    if sum(c.numel() for c in candidates) < n:
+        return None
+    counts = _pick_removals([torch.zeros(c.numel(), dtype=torch.float64) for c in candidates], n, space)
+    return torch.sort(torch.cat([c[c.numel() - k:] for c, k in zip(candidates, counts)])).values
+
+
 def _shrink_directions(space: NeuronSpace, n: int, remapper: StateRemapper, h: Optional[Tensor],
-                       verify: bool = False) -> SurgeryReport:
+                       verify: bool = False, zero_rows: Optional[Tensor] = None) -> SurgeryReport:
+    """Remove ``n`` weakest directions; ``zero_rows`` (from :func:`_zero_row_removals`): these neurons,
+    null directions already, without a rotation."""
+    width = space.width
+    if zero_rows is not None:
+        rotation: Optional[AxisTransform] = None
+        removed_idx, tol = zero_rows, 0.0
+    else:
+        rotation, removed_idx, tol = _weakest_rotation(space, n)
+    index_before = space.group_index()
+    device = _device(space)
+    with atomic() as tx:
+        if rotation is not None:
+            _transform_neurons(space, rotation, remapper, tx, verify=verify)
+        if h is None:
+            details = _fold_directions(space, removed_idx, tx)
+        else:
+            rotated = h if rotation is None else rotation.linear(h[:, :, None])[:, :, 0]  # in the new basis
+            details = _fold_mean(space, removed_idx, rotated[:, removed_idx].mean(dim=0),
+                                 rotated[:, removed_idx].std(dim=0, unbiased=False), tx)
+        a_removed = space.incoming_matrix(removed_idx).double()
+        residual = float(a_removed.norm())
+        # Per group: rows removed from different groups are not orthogonal to each other.
+        removed_groups = index_before[removed_idx]
+        parts = []
+        for g in torch.unique(removed_groups):
+            block = a_removed[(removed_groups == g).to(device)]
+            values = torch.zeros(block.shape[0], dtype=torch.float64)
+            found = torch.linalg.svdvals(block).cpu()  # min(k, d) values; the rest are zero
+            values[: found.numel()] = found
+            parts.append(values)
+        sigma_removed = torch.sort(torch.cat(parts)).values
+        w_out = space.weight_out
+        assert w_out is not None
+        out_norm = float(w_out.view(w_out.tensor.detach())[:, removed_idx.to(device)].double().norm())
+        keep = torch.ones(width, dtype=torch.bool)
+        keep[removed_idx] = False
+        keep_idx = torch.nonzero(keep).flatten()
+        _transform_neurons(space, Selection(keep_idx), remapper, tx)
+        _set_group_index(space, index_before[keep_idx], tx)  # every group keeps a neuron: numbering unchanged
+    estimate = residual * out_norm + details["unabsorbed"] if h is None else details["spread"]
+    exact = (residual <= tol and details["unabsorbed"] == 0.0 and not details["clamped"]
+             and details.get("spread", 0.0) == 0.0)
+    details["residual"] = residual
+    return SurgeryReport("shrink", space.name, width, width - n, sigma_removed, estimate, exact=exact,
+                         details=details)
+
+
+def _weakest_rotation(space: NeuronSpace, n: int) -> Tuple[AxisTransform, Tensor, float]:
+    """The rotation that brings the ``n`` weakest directions to the first positions of their groups,
+    those positions, and the residual below which their removal is exact."""
     a = space.incoming_matrix()
     rows_by_group = _group_rows(space)
     label = f"Space `{space.name}`"
@@ -907,44 +980,8 @@ def _shrink_directions(space: NeuronSpace, n: int, remapper: StateRemapper, h: O
     if _dense_removal(v_all.shape[1], width):
         rotation = DenseRotation(rotation.dense())  # type: ignore[attr-defined]
     removed_idx = torch.sort(torch.cat(removed)).values
-    index_before = space.group_index()
-    device = _device(space)
-    with atomic() as tx:
-        _transform_neurons(space, rotation, remapper, tx, verify=verify)
-        if h is None:
-            details = _fold_directions(space, removed_idx, tx)
-        else:
-            rotated = rotation.linear(h[:, :, None])[:, :, 0]  # the activations in the new basis
-            details = _fold_mean(space, removed_idx, rotated[:, removed_idx].mean(dim=0),
-                                 rotated[:, removed_idx].std(dim=0, unbiased=False), tx)
-        a_removed = space.incoming_matrix()[removed_idx.to(device)].double()
-        residual = float(a_removed.norm())
-        # Per group: rows removed from different groups are not orthogonal to each other.
-        removed_groups = index_before[removed_idx]
-        parts = []
-        for g in torch.unique(removed_groups):
-            block = a_removed[(removed_groups == g).to(device)]
-            values = torch.zeros(block.shape[0], dtype=torch.float64)
-            found = torch.linalg.svdvals(block).cpu()  # min(k, d) values; the rest are zero
-            values[: found.numel()] = found
-            parts.append(values)
-        sigma_removed = torch.sort(torch.cat(parts)).values
-        w_out = space.weight_out
-        assert w_out is not None
-        out_norm = float(w_out.view(w_out.tensor.detach())[:, removed_idx.to(device)].double().norm())
-        keep = torch.ones(width, dtype=torch.bool)
-        keep[removed_idx] = False
-        keep_idx = torch.nonzero(keep).flatten()
-        _transform_neurons(space, Selection(keep_idx), remapper, tx)
-        _set_group_index(space, index_before[keep_idx], tx)  # every group keeps a neuron: numbering unchanged
     norm = math.sqrt(sum(frobenius for _, _, frobenius in eig))  # ||A||_F, from the decompositions
-    tol = _tolerance(width, a.dtype, norm)
-    estimate = residual * out_norm + details["unabsorbed"] if h is None else details["spread"]
-    exact = (residual <= tol and details["unabsorbed"] == 0.0 and not details["clamped"]
-             and details.get("spread", 0.0) == 0.0)
-    details["residual"] = residual
-    return SurgeryReport("shrink", space.name, width, width - n, sigma_removed, estimate, exact=exact,
-                         details=details)
+    return rotation, removed_idx, _tolerance(width, a.dtype, norm)
 
 
 @full_precision

@@ -891,8 +891,11 @@ def test_tensors_too_large_to_copy_rotate_every_state_in_place_like_a_staged_cop
     for limit in (None, 100):
         monkeypatch.setattr(transaction, "IN_PLACE_ELEMENTS", limit)
         net, opt = _trained_mlp_and_adam()
-        if grow_first:
+        if grow_first:  # then a step, so that the new rows are not zero (their removal needs no rotation)
             net.grow(0, 2, optimizer=opt)
+            opt.zero_grad()
+            net(torch.randn(16, 40, generator=torch.Generator().manual_seed(1))).pow(2).sum().backward()
+            opt.step()
         layer = net.layers[0]
         storages = {k: v.untyped_storage().data_ptr() for k, v in opt.state[layer.weight].items() if v.dim()}
         net.shrink(0, 1, optimizer=opt)
