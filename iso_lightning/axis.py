@@ -25,7 +25,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["AxisTransform", "DenseRotation", "Extension", "HouseholderRotation", "Selection", "all_finite"]
+__all__ = ["AxisTransform", "DenseRotation", "Extension", "HouseholderRotation", "Selection", "all_finite",
+           "leading_view"]
 
 # Rotations of large tensors are applied in place, a slab at a time, so that a shrink of a layer with
 # 150,528 inputs never holds a second copy of its weight.
@@ -42,6 +43,9 @@ class AxisTransform:
     #: so that a NaN or an infinity of the input always reaches the result and the result's check
     #: covers the input too (a dense product may skip zero coefficients in BLAS; a selection drops).
     carries_input = False
+    #: Whether the result's first ``n`` entries along the axis are the input, bit for bit (an
+    #: extension): the old tensor is then a view of the new one (see :func:`leading_view`).
+    keeps_prefix = False
 
     def new_size(self, n: int) -> int:
         raise NotImplementedError
@@ -287,6 +291,18 @@ def _low_rank_update(view: Tensor, scale: Optional[Tensor], left: Tensor, right_
     return out
 
 
+def leading_view(old: Tensor, old_view: Tensor, new_view: Tensor) -> Optional[Tensor]:
+    """A view of ``new_view`` (a :attr:`~AxisTransform.keeps_prefix` result, ``(pre, n', rest)``) with
+    the shape, strides and values of ``old`` (whose view is ``old_view``), or ``None`` where its
+    leading entries are not laid out as ``old`` is (the columns of a matrix)."""
+    part = new_view[:, : old_view.shape[1], :]
+    try:
+        out = part.view(old.shape)
+    except RuntimeError:
+        return None
+    return out if out.stride() == old.stride() else None
+
+
 def all_finite(t: Tensor) -> bool:
     """Whether every entry of ``t`` is finite: one reduction (a NaN or infinity makes the sum
     non-finite), the element-wise test only when the sum is not finite (large finite values too)."""
@@ -317,6 +333,8 @@ class Selection(AxisTransform):
 
 class Extension(AxisTransform):
     """Append ``count`` entries; their values come from ``fill`` (zeros when not given)."""
+
+    keeps_prefix = True
 
     def __init__(self, count: int) -> None:
         self.count = int(count)

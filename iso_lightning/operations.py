@@ -56,7 +56,15 @@ from torch import Tensor, nn
 
 from iso_lightning import transaction
 from iso_lightning._validation import check_int
-from iso_lightning.axis import AxisTransform, DenseRotation, Extension, HouseholderRotation, Selection, all_finite
+from iso_lightning.axis import (
+    AxisTransform,
+    DenseRotation,
+    Extension,
+    HouseholderRotation,
+    Selection,
+    all_finite,
+    leading_view,
+)
 from iso_lightning.errors import NonFiniteError
 from iso_lightning.linalg import full_precision, left_basis, weakest_directions
 from iso_lightning.linalg import singular_values as matrix_singular_values
@@ -288,8 +296,8 @@ def _apply(space: NeuronSpace, binding: Binding, transform: AxisTransform, remap
                 transform.linear(view, inplace=True)
                 tx.on_rollback(functools.partial(inverse.linear, view, inplace=True))
         return
-    new_grad = None if grad is None else binding.shape_back(transform.linear(binding.view(grad)), shape)
-    new = binding.shape_back(transform.linear(binding.view(t.detach()), fill), shape)
+    new_grad, grad_restore = (None, None) if grad is None else _transformed(binding, transform, grad, shape)
+    new, restore = _transformed(binding, transform, t.detach(), shape, fill)
     # The values and gradients were checked finite (check_space): only a rotation can make them
     # overflow; a selection or an extension copies them, and only its new entries need a look.
     if transform.may_overflow:
@@ -298,11 +306,22 @@ def _apply(space: NeuronSpace, binding: Binding, transform: AxisTransform, remap
         _check_result(binding.label, "tensor", new)
     elif fill is not None:
         _check_result(binding.label, "tensor", fill)
-    if grad is not None:
-        tx.set_grad(t, None)  # a gradient must keep the parameter's shape: swap it after the values
-    tx.replace(t, new)
-    if grad is not None:
+    del grad
+    if new_grad is not None:  # a gradient must keep the parameter's shape: swap it after the values
+        tx.set_grad(t, None, restore=grad_restore)
+    tx.replace(t, new, restore=restore)
+    if new_grad is not None:
         tx.set_grad(t, new_grad)
+
+
+def _transformed(binding: Binding, transform: AxisTransform, t: Tensor, shape: Tuple[int, ...],
+                 fill: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """``t`` transformed, and, for an extension, a view of the result that an undo restores ``t`` from
+    (so that ``t``'s own storage need not be kept: it is freed once the operation drops it)."""
+    view = binding.view(t)
+    new_view = transform.linear(view, fill)
+    restore = leading_view(t, view, new_view) if transform.keeps_prefix else None
+    return binding.shape_back(new_view, shape), restore
 
 
 def _random(shape: Sequence[int], scale: float, like: Tensor, generator: Optional[torch.Generator]) -> Tensor:

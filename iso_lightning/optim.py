@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from iso_lightning.axis import AxisTransform, all_finite
+from iso_lightning.axis import AxisTransform, all_finite, leading_view
 from iso_lightning.errors import NonFiniteError
 from iso_lightning.transaction import Transaction, atomic
 
@@ -308,6 +308,7 @@ class StateRemapper:
                view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor], transform: AxisTransform,
                tx: Transaction, inplace: bool, name: str = "<parameter>", verify: bool = False) -> None:
         new_state = dict(state)
+        restores: Dict[str, Optional[Tensor]] = {}  # an extension's old values, as views of its result
         for key, value in list(state.items()):
             if not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
                 continue  # scalars such as `step` are kept
@@ -346,6 +347,8 @@ class StateRemapper:
             else:
                 new = transform.quadratic(view * view, fill).clamp_min(0).sqrt()
             new_state[key] = shape_back(new)
+            if transform.keeps_prefix and rule.fixup is None and (key in rule.linear or key in rule.quadratic):
+                restores[key] = leading_view(value, view, new)
         if rule.fixup is not None:
             # Fixups may update the tensors just made in place: they are not the optimizer's old ones.
             rule.fixup(new_state, group)
@@ -365,4 +368,4 @@ class StateRemapper:
             )
         for key, value in new_state.items():
             if value is not state.get(key):
-                tx.set_item(state, key, value)
+                tx.set_item(state, key, value, restore=restores.get(key))

@@ -47,9 +47,14 @@ class Transaction:
     def __init__(self) -> None:
         self._undo: List[Callable[[], None]] = []
 
-    def replace(self, tensor: Tensor, new: Tensor) -> None:
-        """Give ``tensor`` the storage, shape and values of ``new``, keeping the tensor object."""
-        old = tensor.detach()  # an alias of the current storage, offset, shape and strides
+    def replace(self, tensor: Tensor, new: Tensor, restore: Optional[Tensor] = None) -> None:
+        """Give ``tensor`` the storage, shape and values of ``new``, keeping the tensor object.
+
+        ``restore``: a tensor with ``tensor``'s present shape, strides and values, not sharing its
+        storage (a view of the leading entries of an extension's result), for the undo to set
+        instead; the present storage is then not kept, and is freed as soon as nothing else holds it.
+        """
+        old = tensor.detach() if restore is None else restore  # else an alias of the current storage
         with torch.no_grad():
             tensor.set_(new)  # type: ignore[call-overload]
 
@@ -59,8 +64,9 @@ class Transaction:
 
         self._undo.append(undo)
 
-    def set_grad(self, param: Tensor, grad: Optional[Tensor]) -> None:
-        old = param.grad
+    def set_grad(self, param: Tensor, grad: Optional[Tensor], restore: Optional[Tensor] = None) -> None:
+        """``param.grad = grad``; ``restore``: what the undo sets instead of the old gradient (see :meth:`replace`)."""
+        old = param.grad if restore is None else restore
         param.grad = grad
 
         def undo() -> None:
@@ -68,9 +74,10 @@ class Transaction:
 
         self._undo.append(undo)
 
-    def set_item(self, mapping: MutableMapping[Any, Any], key: Any, value: Any) -> None:
-        """``mapping[key] = value`` (``value`` ``None`` with ``delete=True`` removes it)."""
-        old = mapping[key] if key in mapping else _MISSING
+    def set_item(self, mapping: MutableMapping[Any, Any], key: Any, value: Any, restore: Any = None) -> None:
+        """``mapping[key] = value``; ``restore``: what the undo puts back instead of the old value
+        (see :meth:`replace`)."""
+        old = restore if restore is not None else mapping[key] if key in mapping else _MISSING
         mapping[key] = value
         self._undo.append(lambda: _restore_item(mapping, key, old))
 

@@ -16,8 +16,10 @@ The reference never calls :mod:`iso_lightning.axis` or :mod:`iso_lightning.optim
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
+import weakref
 from collections import defaultdict
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
@@ -934,3 +936,35 @@ def test_an_in_place_rotation_undone_restores_weights_and_gives_valid_second_mom
         # (M^T o M^T)^T (M o M)^T v: a weighted average of v's entries along the neuron axis.
         assert float(sq.sum()) == pytest.approx(float(old.sum()), rel=1e-4)
         assert float(sq.max()) <= float(old.max()) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
+def test_a_grow_keeps_no_copy_of_the_old_tensors_and_still_undoes_bit_for_bit(optimizer):
+    # An extension's result holds the old values as its leading rows: the undo restores from views
+    # of it, so the old gradients and optimizer state are freed at once (a grow of a wide layer
+    # needs one new copy of each tensor, not two); a rollback still gives every bit back.
+    from _helpers import assert_unchanged, snapshot
+
+    from iso_lightning import transaction
+
+    torch.manual_seed(0)
+    net = IsotropicMLP([40, 12, 4], psi="decay", length="trainable")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2) if optimizer == "adamw" else \
+        torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
+    x = torch.randn(16, 40)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).sum().backward()
+        opt.step()
+    net(x).pow(2).sum().backward()  # gradients present during the grow
+    weight = net.layers[0].weight
+    before = snapshot(net, opt)
+    old = [weakref.ref(weight.grad)] + [weakref.ref(v) for v in opt.state[weight].values() if v.dim()]
+    with pytest.raises(RuntimeError, match="late"):
+        with transaction.atomic():
+            net.grow(0, 2, optimizer=opt)
+            gc.collect()
+            assert all(ref() is None for ref in old), "the undo must not keep the old tensors alive"
+            raise RuntimeError("refused late")
+    assert_unchanged(before, net, opt)
+    assert weight.shape == (12, 40) and weight.grad.shape == (12, 40)
