@@ -2,6 +2,7 @@
 
     python benchmarks/bench_core.py            # full sizes (about 2 minutes on 2 cores)
     python benchmarks/bench_core.py --quick    # smaller sizes, for a smoke run
+    python benchmarks/bench_core.py --baseline c12b882   # and (b) side by side against an earlier version
 
 (a) training-step time of an isotropic MLP over a same-shape ``nn.Tanh`` MLP, [3072, 500, 500, 10],
     batch 48, AdamW; the two are interleaved step by step so machine drift hits both alike.
@@ -9,18 +10,28 @@
     training epoch over 50,000 samples: a ``Trainer.fit`` epoch of the same network and optimizer
     (DataLoader over random data, in a child process), and, stricter, 50,000 / 48 bare optimizer
     steps timed in this process. Two shrinks: of a just-grown neuron, and of a trained layer.
+    With ``--baseline REF``, (b) is also timed against the package as of git ``REF`` (exported to
+    a temporary folder and imported under another name), both networks in this process, their
+    operation cycles interleaved: the ratio this / REF per figure, robust to the machine's load.
 (c) shrinking 50 neurons at once over shrinking one neuron at a time 50 times.
-(d) peak extra memory (resident set) of a shrink on a 150,528 -> 1,024 layer, in a child process.
+(d) peak extra memory (resident set) of a shrink, and of a grow, on a 150,528 -> 1,024 layer, in a
+    child process.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import json
+import re
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -85,6 +96,33 @@ def bench_step(sizes, batch_size, steps, psi, length):
     return ratio, statistics.median(t_iso), statistics.median(t_ref)
 
 
+def _ops_rig(mlp_class, sizes, batch_size):
+    g = torch.Generator().manual_seed(1)
+    net = mlp_class(sizes, psi="decay", length="trainable", generator=g)
+    batch = (torch.randn(batch_size, sizes[0], generator=g), torch.randint(0, sizes[-1], (batch_size,), generator=g))
+    step, opt = _stepper(net, batch)
+    for _ in range(3):
+        step()
+    return net, opt, step, g
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def _ops_cycle(rig, layer):
+    """Seconds of a step, a grow, a shrink of the grown neuron and (after a step) a shrink of a trained layer."""
+    net, opt, step, g = rig
+    times = (_timed(step), _timed(net.grow, layer, 1, optimizer=opt, generator=g),
+             _timed(net.shrink, layer, 1, optimizer=opt))
+    step()
+    times += (_timed(net.shrink, layer, 1, optimizer=opt),)
+    net.grow(layer, 1, optimizer=opt, generator=g)  # back to the starting width
+    return times
+
+
 def bench_ops(sizes, batch_size, repeats):
     """Median seconds of one training step, one grow, and one shrink in two situations, per hidden layer.
 
@@ -92,29 +130,51 @@ def bench_ops(sizes, batch_size, repeats):
     (trained)`` removes the weakest direction of a layer that has only been trained (no zero row:
     the general case). Every measured operation follows a training step, as in a training loop.
     """
-    g = torch.Generator().manual_seed(1)
-    net = IsotropicMLP(sizes, psi="decay", length="trainable", generator=g)
-    batch = (torch.randn(batch_size, sizes[0], generator=g), torch.randint(0, sizes[-1], (batch_size,), generator=g))
-    step, opt = _stepper(net, batch)
-    for _ in range(3):
-        step()
-
-    def timed(fn, *args, **kwargs):
-        start = time.perf_counter()
-        fn(*args, **kwargs)
-        return time.perf_counter() - start
-
+    rig = _ops_rig(IsotropicMLP, sizes, batch_size)
     rows = []
-    for layer in range(net.num_hidden):
-        t_step, t_grow, t_grown, t_trained = [], [], [], []
-        for _ in range(repeats):
-            t_step.append(timed(step))
-            t_grow.append(timed(net.grow, layer, 1, optimizer=opt, generator=g))
-            t_grown.append(timed(net.shrink, layer, 1, optimizer=opt))
-            step()
-            t_trained.append(timed(net.shrink, layer, 1, optimizer=opt))
-            net.grow(layer, 1, optimizer=opt, generator=g)  # back to the starting width
-        rows.append((layer, *(statistics.median(t) for t in (t_step, t_grow, t_grown, t_trained))))
+    for layer in range(rig[0].num_hidden):
+        cycles = [_ops_cycle(rig, layer) for _ in range(repeats)]
+        rows.append((layer, *(statistics.median(t) for t in zip(*cycles))))
+    return rows
+
+
+def _import_baseline(ref):
+    """The package as of git ``ref``, importable as ``iso_lightning_baseline`` (a copy in a temporary folder)."""
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(tempfile.mkdtemp(prefix="iso_baseline_"))
+    archive = subprocess.run(["git", "-C", str(root), "archive", ref, "iso_lightning"], capture_output=True,
+                             check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    package = folder / "iso_lightning_baseline"
+    (folder / "iso_lightning").rename(package)
+    for source in package.rglob("*.py"):  # its absolute imports of itself
+        source.write_text(re.sub(r"\biso_lightning\b", "iso_lightning_baseline", source.read_text()))
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("iso_lightning_baseline")
+
+
+def bench_against(ref, sizes, batch_size, repeats):
+    """Per hidden layer and figure of (b), the median per-pair ratio this code / ``ref`` and both medians.
+
+    Both versions' networks (the same seed) run in this process, their cycles interleaved and their
+    order alternated, so that machine load and the allocator's state hit both alike.
+    """
+    baseline = _import_baseline(ref)
+    rigs = {"this": _ops_rig(IsotropicMLP, sizes, batch_size), "base": _ops_rig(baseline.IsotropicMLP, sizes,
+                                                                                batch_size)}
+    rows = []
+    for layer in range(rigs["this"][0].num_hidden):
+        times = {name: [] for name in rigs}
+        for i in range(repeats):
+            for name in (("this", "base") if i % 2 == 0 else ("base", "this")):
+                times[name].append(_ops_cycle(rigs[name], layer))
+        figures = []
+        for k in range(4):
+            this, base = [t[k] for t in times["this"]], [t[k] for t in times["base"]]
+            figures.append((statistics.median(a / b for a, b in zip(this, base)), statistics.median(this),
+                            statistics.median(base)))
+        rows.append((layer, figures))
     return rows
 
 
@@ -202,7 +262,7 @@ def status(key):
                 return int(line.split()[1]) * 1024
     raise KeyError(key)
 
-inputs, width = int(sys.argv[1]), int(sys.argv[2])
+inputs, width, op = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.manual_seed(0)
 net = IsotropicMLP([inputs, width, 10], psi="decay", length="trainable")
 opt = torch.optim.AdamW(net.parameters())
@@ -214,15 +274,15 @@ gc.collect()
 base = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # reset the peak resident set size (VmHWM) to the current one
-net.shrink(0, 1, optimizer=opt)
+getattr(net, op)(0, 1, optimizer=opt)
 peak = status("VmHWM")
 weight = net.layers[0].weight.numel() * net.layers[0].weight.element_size()
 print(json.dumps({"extra_bytes": peak - base, "weight_bytes": weight, "base_bytes": base}))
 """
 
 
-def bench_memory(inputs, width):
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(inputs), str(width)], capture_output=True,
+def bench_memory(inputs, width, op="shrink"):
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(inputs), str(width), op], capture_output=True,
                          text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -230,6 +290,8 @@ def bench_memory(inputs, width):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--baseline", metavar="REF", default=None,
+                        help="also time (b) side by side against the package as of git REF (e.g. c12b882)")
     args = parser.parse_args(argv)
     if args.quick:
         sizes, steps, repeats, mem = [256, 64, 64, 10], 20, 3, (4096, 64)
@@ -255,6 +317,13 @@ def main(argv=None):
     print(f"    Lightning epoch over {samples:,} samples: {lightning_epoch:.2f} s; bare steps: "
           f"{step * samples / 48:.2f} s (median step {step * 1e3:.2f} ms)")
 
+    if args.baseline is not None:
+        names = ("step", "grow", "shrink (grown)", "shrink (trained)")
+        for layer, figures in bench_against(args.baseline, sizes, 48, max(2 * repeats, 20)):
+            print(f"(b) vs {args.baseline}, hidden layer {layer} (this / {args.baseline}, median per-pair ratio of "
+                  f"interleaved cycles): " + ", ".join(f"{name} {r:.3f} ({a * 1e3:.2f} vs {b * 1e3:.2f} ms)"
+                                                       for name, (r, a, b) in zip(names, figures)))
+
     k = 50 if not args.quick else 10
     once, loop = bench_batch_shrink(sizes, k, max(3, repeats // 5))
     print(f"(c) shrink {k} at once / {k} single shrinks: {once / loop:.3f}  "
@@ -264,6 +333,9 @@ def main(argv=None):
     print(f"(d) peak extra memory of a shrink on a {mem[0]:,} -> {mem[1]:,} layer (AdamW, gradient kept): "
           f"{m['extra_bytes'] / 2**30:.3f} GiB above the {m['base_bytes'] / 2**30:.2f} GiB resident before it "
           f"(the weight itself is {m['weight_bytes'] / 2**30:.3f} GiB)")
+    g = bench_memory(*mem, op="grow")
+    print(f"    and of a grow of it (one new copy of the weight, its gradient and moments is the least): "
+          f"{g['extra_bytes'] / 2**30:.3f} GiB")
 
 
 if __name__ == "__main__":
