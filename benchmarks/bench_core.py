@@ -21,10 +21,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +73,12 @@ def _stepper(model, batch):
     return step, opt
 
 
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
 def bench_step(sizes, batch_size, steps, psi, length):
     g = torch.Generator().manual_seed(0)
     iso = IsotropicMLP(sizes, psi=psi, length=length, generator=g)
@@ -87,9 +95,7 @@ def bench_step(sizes, batch_size, steps, psi, length):
         # Alternate which one goes first so that neither always runs on a warmer cache.
         pair = ((step_iso, t_iso), (step_ref, t_ref)) if i % 2 == 0 else ((step_ref, t_ref), (step_iso, t_iso))
         for fn, acc in pair:
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
+            acc.append(_timed(fn))
     # The median of the per-pair ratios: each pair ran within a few milliseconds, so load from other
     # processes on a shared machine cancels out of it.
     ratio = statistics.median(a / b for a, b in zip(t_iso, t_ref))
@@ -104,12 +110,6 @@ def _ops_rig(mlp_class, sizes, batch_size):
     for _ in range(3):
         step()
     return net, opt, step, g
-
-
-def _timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - start
 
 
 def _ops_cycle(rig, layer):
@@ -142,6 +142,7 @@ def _import_baseline(ref):
     """The package as of git ``ref``, importable as ``iso_lightning_baseline`` (a copy in a temporary folder)."""
     root = Path(__file__).resolve().parent.parent
     folder = Path(tempfile.mkdtemp(prefix="iso_baseline_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     archive = subprocess.run(["git", "-C", str(root), "archive", ref, "iso_lightning"], capture_output=True,
                              check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
