@@ -296,22 +296,23 @@ def _apply(space: NeuronSpace, binding: Binding, transform: AxisTransform, remap
                 transform.linear(view, inplace=True)
                 tx.on_rollback(functools.partial(inverse.linear, view, inplace=True))
         return
-    new_grad, grad_restore = (None, None) if grad is None else _transformed(binding, transform, grad, shape)
+    # One tensor at a time, each swapped in before the next is made, so that the old one is freed
+    # first (an extension's undo restores from a view of its result) and a grow holds one new copy
+    # at a time. The gradient keeps its object: its storage is swapped as the parameter's is.
     new, restore = _transformed(binding, transform, t.detach(), shape, fill)
     # The values and gradients were checked finite (check_space): only a rotation can make them
     # overflow; a selection or an extension copies them, and only its new entries need a look.
     if transform.may_overflow:
-        if new_grad is not None:
-            _check_result(binding.label, "the gradient of", new_grad, grad if verify else None, space)
         _check_result(binding.label, "tensor", new)
     elif fill is not None:
         _check_result(binding.label, "tensor", fill)
-    del grad
-    if new_grad is not None:  # a gradient must keep the parameter's shape: swap it after the values
-        tx.set_grad(t, None, restore=grad_restore)
     tx.replace(t, new, restore=restore)
-    if new_grad is not None:
-        tx.set_grad(t, new_grad)
+    del new, restore
+    if grad is not None:
+        new_grad, grad_restore = _transformed(binding, transform, grad, shape)
+        if transform.may_overflow:
+            _check_result(binding.label, "the gradient of", new_grad, grad if verify else None, space)
+        tx.replace(grad, new_grad, restore=grad_restore)
 
 
 def _transformed(binding: Binding, transform: AxisTransform, t: Tensor, shape: Tuple[int, ...],

@@ -307,9 +307,16 @@ class StateRemapper:
     def _remap(state: Dict[str, object], group: Mapping[str, object], rule: OptimizerRule, param: Tensor,
                view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor], transform: AxisTransform,
                tx: Transaction, inplace: bool, name: str = "<parameter>", verify: bool = False) -> None:
-        new_state = dict(state)
+        # The state was checked finite (validate): only a rotation, the squares of the "rms" rule or
+        # a fixup can make it overflow; a selection or an extension copies it (and finite fills).
+        may_overflow = transform.may_overflow or bool(rule.rms) or rule.fixup is not None or bool(rule.fill)
+        # Where nothing can overflow, each entry is swapped in as soon as it is made, so that the old
+        # one is freed (an extension restores from a view of its result) before the next is allocated.
+        staged = may_overflow
+        new_state = dict(state) if staged else {}
         restores: Dict[str, Optional[Tensor]] = {}  # an extension's old values, as views of its result
-        for key, value in list(state.items()):
+        for key in list(state):
+            value = state[key]
             if not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
                 continue  # scalars such as `step` are kept
             if key not in rule.keys():
@@ -346,17 +353,23 @@ class StateRemapper:
                 new = transform.quadratic(view, fill)
             else:
                 new = transform.quadratic(view * view, fill).clamp_min(0).sqrt()
-            new_state[key] = shape_back(new)
+            restore = None
             if transform.keeps_prefix and rule.fixup is None and (key in rule.linear or key in rule.quadratic):
-                restores[key] = leading_view(value, view, new)
+                restore = leading_view(value, view, new)
+            if staged:
+                new_state[key] = shape_back(new)
+                restores[key] = restore
+            else:
+                del value, view
+                tx.set_item(state, key, shape_back(new), restore=restore)
+            del new
+        if not staged:
+            return
         if rule.fixup is not None:
             # Fixups may update the tensors just made in place: they are not the optimizer's old ones.
             rule.fixup(new_state, group)
-        # The state was checked finite (validate): only a rotation, the squares of the "rms" rule or
-        # a fixup can make it overflow; a selection or an extension copies it (and finite fills).
-        may_overflow = transform.may_overflow or bool(rule.rms) or rule.fixup is not None or bool(rule.fill)
         bad = [key for key, value in new_state.items() if value is not state.get(key)
-               and isinstance(value, Tensor) and not all_finite(value)] if may_overflow else []
+               and isinstance(value, Tensor) and not all_finite(value)]
         if bad:
             for key, value in state.items() if verify else ():  # a non-finite input, reported as such
                 if isinstance(value, Tensor) and not all_finite(value):

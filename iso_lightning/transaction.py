@@ -9,12 +9,13 @@ parameters keep their values, shapes, object identity, ``requires_grad`` and gra
 optimizer its state, bit for bit.
 
 Undoing is cheap because operations do not overwrite tensors: each new value is a new tensor
-that is swapped in with ``Tensor.set_`` (which keeps the ``Parameter`` object), so the undo only
+that is swapped in with ``Tensor.set_`` (which keeps the ``Parameter`` and gradient objects), so the undo only
 swaps the old storage back. An extension (a grow) does not even keep the old storage: its result
 holds the old values as its leading entries, and where those are laid out as the old tensor was
 (the rows of a weight, a bias, their gradients and optimizer state) the undo restores a view of
-them, so that the old tensor is freed at once and a grow needs one new copy of each tensor, not
-two. Tensors are overwritten in one case only: a rotation of a tensor of more than
+them, so that the old tensor is freed as soon as the new one is swapped in: operations swap one
+tensor at a time, so a grow holds one new copy of one tensor beyond the model at any moment.
+Tensors are overwritten in one case only: a rotation of a tensor of more than
 :data:`IN_PLACE_ELEMENTS` elements (a layer with 150,000 inputs), which is applied in place so that
 no second copy of it is ever allocated (its gradient and optimizer state likewise); its undo applies
 the inverse rotation, which restores it to float round-off rather than bit for bit (a second moment,

@@ -938,6 +938,37 @@ def test_an_in_place_rotation_undone_restores_weights_and_gives_valid_second_mom
         assert float(sq.max()) <= float(old.max()) * (1 + 1e-5)
 
 
+def _resident(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak resident set from /proc")
+def test_a_grow_holds_one_new_tensor_at_a_time():
+    # Weight, gradient and both AdamW moments of a 1024 x 8192 layer (32 MiB each, allocated and
+    # freed as whole mappings): each is swapped in before the next is made, so the peak above the
+    # starting resident set is one new copy of one of them, not two or four.
+    torch.manual_seed(0)
+    net = IsotropicMLP([8192, 1024, 4])
+    opt = torch.optim.AdamW(net.parameters())
+    x = torch.randn(2, 8192)
+    net(x).sum().backward()
+    opt.step()
+    del x
+    gc.collect()
+    tensor_bytes = net.layers[0].weight.numel() * 4
+    base = _resident("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # the peak resident set (VmHWM) starts again from the current one
+    net.grow(0, 1, optimizer=opt)
+    extra = _resident("VmHWM") - base
+    assert net.layers[0].weight.shape == (1025, 8192)
+    assert extra < 1.5 * tensor_bytes, f"a grow held {extra / tensor_bytes:.2f} new tensors at once"
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
 def test_a_grow_keeps_no_copy_of_the_old_tensors_and_still_undoes_bit_for_bit(optimizer):
     # An extension's result holds the old values as its leading rows: the undo restores from views
@@ -959,7 +990,10 @@ def test_a_grow_keeps_no_copy_of_the_old_tensors_and_still_undoes_bit_for_bit(op
     net(x).pow(2).sum().backward()  # gradients present during the grow
     weight = net.layers[0].weight
     before = snapshot(net, opt)
-    old = [weakref.ref(weight.grad)] + [weakref.ref(v) for v in opt.state[weight].values() if v.dim()]
+    grad = weight.grad
+    tensors = [weight, grad] + [v for v in opt.state[weight].values() if v.dim()]
+    old = [weakref.ref(t.untyped_storage()) for t in tensors]
+    del tensors
     with pytest.raises(RuntimeError, match="late"):
         with transaction.atomic():
             net.grow(0, 2, optimizer=opt)
@@ -968,3 +1002,5 @@ def test_a_grow_keeps_no_copy_of_the_old_tensors_and_still_undoes_bit_for_bit(op
             raise RuntimeError("refused late")
     assert_unchanged(before, net, opt)
     assert weight.shape == (12, 40) and weight.grad.shape == (12, 40)
+    assert weight.grad is grad, "the gradient keeps its object"
+
