@@ -295,6 +295,10 @@ def leading_view(old: Tensor, old_view: Tensor, new_view: Tensor) -> Optional[Te
     """A view of ``new_view`` (a :attr:`~AxisTransform.keeps_prefix` result, ``(pre, n', rest)``) with
     the shape, strides and values of ``old`` (whose view is ``old_view``), or ``None`` where its
     leading entries are not laid out as ``old`` is (the columns of a matrix)."""
+    if old_view.shape[0] == 1 and old.is_contiguous() and old_view.is_contiguous() and new_view.is_contiguous() \
+            and old_view.data_ptr() == old.data_ptr():
+        # The axis leads (rows of a weight, a bias): the old entries are the first of the storage.
+        return new_view.as_strided(old.shape, old.stride(), new_view.storage_offset())
     part = new_view[:, : old_view.shape[1], :]
     try:
         out = part.view(old.shape)
