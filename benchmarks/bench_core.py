@@ -335,8 +335,9 @@ def main(argv=None):
           f"{m['extra_bytes'] / 2**30:.3f} GiB above the {m['base_bytes'] / 2**30:.2f} GiB resident before it "
           f"(the weight itself is {m['weight_bytes'] / 2**30:.3f} GiB)")
     g = bench_memory(*mem, op="grow")
-    print(f"    and of a grow of it (one new copy of the weight, its gradient and moments is the least): "
-          f"{g['extra_bytes'] / 2**30:.3f} GiB")
+    print(f"    and of a grow of it (new tensors are swapped in one at a time: one new copy of one of the "
+          f"weight, its gradient and moments is the least): {g['extra_bytes'] / 2**30:.3f} GiB "
+          f"({g['extra_bytes'] / g['weight_bytes']:.2f} weights)")
 
 
 if __name__ == "__main__":
