@@ -284,8 +284,9 @@ class StateRemapper:
 
         New state tensors replace the old ones in the state dict, through the enclosing
         :func:`~iso_lightning.transaction.atomic` block, so a failure later in the operation restores them.
-        With ``inplace`` (a rotation of a very wide tensor) first moments are rotated in place and
-        restored by the inverse rotation; second moments are always staged (their rule has no inverse).
+        With ``inplace`` (a rotation of a very wide tensor) first and second moments are rotated in
+        place; an undo applies the inverse rotation, which restores first moments to round-off and
+        second moments (whose rule has no inverse) to a valid estimate near the old ones.
         ``verify``: the state was not checked finite by :meth:`validate`; ``transform`` carries its
         input into its result, whose check, which runs anyway, covers it (see ``operations.check_space``).
         """
@@ -311,9 +312,9 @@ class StateRemapper:
         # a fixup can make it overflow; a selection or an extension copies it (and finite fills).
         may_overflow = transform.may_overflow or bool(rule.rms) or rule.fixup is not None or bool(rule.fill)
         # Where nothing can overflow, each entry is swapped in as soon as it is made, so that the old
-        # one is freed (an extension restores from a view of its result) before the next is allocated.
-        staged = may_overflow
-        new_state = dict(state) if staged else {}
+        # one is freed (an extension restores from a view of its result) before the next is allocated;
+        # otherwise all are made and checked first.
+        new_state = dict(state) if may_overflow else {}
         restores: Dict[str, Optional[Tensor]] = {}  # an extension's old values, as views of its result
         for key in list(state):
             value = state[key]
@@ -356,14 +357,14 @@ class StateRemapper:
             restore = None
             if transform.keeps_prefix and rule.fixup is None and (key in rule.linear or key in rule.quadratic):
                 restore = leading_view(value, view, new)
-            if staged:
+            if may_overflow:
                 new_state[key] = shape_back(new)
                 restores[key] = restore
             else:
                 del value, view
                 tx.set_item(state, key, shape_back(new), restore=restore)
             del new
-        if not staged:
+        if not may_overflow:
             return
         if rule.fixup is not None:
             # Fixups may update the tensors just made in place: they are not the optimizer's old ones.

@@ -69,9 +69,9 @@ class Transaction:
 
         self._undo.append(undo)
 
-    def set_grad(self, param: Tensor, grad: Optional[Tensor], restore: Optional[Tensor] = None) -> None:
-        """``param.grad = grad``; ``restore``: what the undo sets instead of the old gradient (see :meth:`replace`)."""
-        old = param.grad if restore is None else restore
+    def set_grad(self, param: Tensor, grad: Optional[Tensor]) -> None:
+        """``param.grad = grad`` (a new gradient of the same shape, or ``None``)."""
+        old = param.grad
         param.grad = grad
 
         def undo() -> None:

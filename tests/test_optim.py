@@ -1003,4 +1003,3 @@ def test_a_grow_keeps_no_copy_of_the_old_tensors_and_still_undoes_bit_for_bit(op
     assert_unchanged(before, net, opt)
     assert weight.shape == (12, 40) and weight.grad.shape == (12, 40)
     assert weight.grad is grad, "the gradient keeps its object"
-
