@@ -339,6 +339,7 @@ class Extension(AxisTransform):
     """Append ``count`` entries; their values come from ``fill`` (zeros when not given)."""
 
     keeps_prefix = True
+    carries_input = True
 
     def __init__(self, count: int) -> None:
         self.count = int(count)

@@ -203,7 +203,7 @@ def _neuron_tensors(spaces: Sequence[NeuronSpace]) -> set:
     return {id(b.tensor) for sp in spaces for b in sp.neuron_bindings()}
 
 
-def check_space(space: NeuronSpace, defer: bool = False) -> None:
+def check_space(space: NeuronSpace, defer: bool = False, defer_values: bool = False) -> None:
     """Refuse a space whose tensors cannot be changed safely (raises before anything changes).
 
     Checks that surgery is not inside ``torch.inference_mode()`` (it would turn gradients and
@@ -215,7 +215,10 @@ def check_space(space: NeuronSpace, defer: bool = False) -> None:
     result (:attr:`~iso_lightning.axis.AxisTransform.carries_input`, a Householder rotation): a NaN
     or an infinity of the input then reaches the result, whose check (needed anyway against
     overflow) covers the input too, one pass over each gradient instead of two. A refusal there is
-    undone by the transaction like any other.
+    undone by the transaction like any other. ``defer_values`` (with ``defer``) leaves their values
+    to the operation too, for an operation that reads none of them before changing them (a grow:
+    an :class:`~iso_lightning.axis.Extension` copies its input into its result, whose check then
+    reads memory just written instead of a second cold pass over the input).
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -241,7 +244,8 @@ def check_space(space: NeuronSpace, defer: bool = False) -> None:
         if t.is_inference():
             raise RuntimeError(f"Space `{space.name}`: tensor `{b.label}` is an inference tensor; it cannot be "
                                "resized.")
-        _check_finite_tensor(b.label, "tensor", t, space)
+        if not (defer_values and id(t) in deferred):
+            _check_finite_tensor(b.label, "tensor", t, space)
         if t.grad is not None and id(t) not in deferred:
             _check_finite_tensor(b.label, "the gradient of", t.grad, space)
 
@@ -300,17 +304,18 @@ def _apply(space: NeuronSpace, binding: Binding, transform: AxisTransform, remap
     # first (an extension's undo restores from a view of its result) and a grow holds one new copy
     # at a time. The gradient keeps its object: its storage is swapped as the parameter's is.
     new, restore = _transformed(binding, transform, t.detach(), shape, fill)
-    # The values and gradients were checked finite (check_space): only a rotation can make them
-    # overflow; a selection or an extension copies them, and only its new entries need a look.
-    if transform.may_overflow:
-        _check_result(binding.label, "tensor", new)
+    # The values and gradients were checked finite (check_space, unless deferred to here): only a
+    # rotation can make them overflow; a selection or an extension copies them, and only its new
+    # entries need a look.
+    if transform.may_overflow or verify:
+        _check_result(binding.label, "tensor", new, t if verify else None, space)
     elif fill is not None:
         _check_result(binding.label, "tensor", fill)
     tx.replace(t, new, restore=restore)
     del new, restore
     if grad is not None:
         new_grad, grad_restore = _transformed(binding, transform, grad, shape)
-        if transform.may_overflow:
+        if transform.may_overflow or verify:
             _check_result(binding.label, "the gradient of", new_grad, grad if verify else None, space)
         tx.replace(grad, new_grad, restore=grad_restore)
 
@@ -580,8 +585,10 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: OptimizerArg = None, scal
         )
     else:
         assignment = [group] * n
-    check_space(space)
-    remapper = remapper_for(optimizer, on_unknown, space)
+    # The values, gradients and state of the neuron-indexed tensors are checked through their
+    # extended copies, while these are in cache (an extension carries its input).
+    check_space(space, defer=True, defer_values=True)
+    remapper = remapper_for(optimizer, on_unknown, space, defer=True)
     old = space.width
 
     def fills(binding: Binding) -> Tensor:
@@ -596,7 +603,7 @@ def grow(space: NeuronSpace, n: int = 1, *, optimizer: OptimizerArg = None, scal
         return view.new_zeros(shape)
 
     with atomic() as tx:
-        _transform_neurons(space, Extension(n), remapper, tx, fills)
+        _transform_neurons(space, Extension(n), remapper, tx, fills, verify=True)
         if new_groups:
             assert isinstance(act, IsotropicSpaceActivation)
             for binding in space.group_bindings():
@@ -1150,7 +1157,11 @@ def set_widths(spaces: Mapping[str, NeuronSpace], widths: Mapping[str, int], *, 
     touched = {name: hidden[name] for name, width in widths.items() if width != hidden[name].width}
     for space in touched.values():
         check_space(space)
-    remapper_for(optimizer, on_unknown, *touched.values())  # checks `optimizer` even when nothing changes
+    remapper = remapper_for(optimizer, on_unknown, *touched.values())
+    # `optimizer` must train the model even where nothing changes (a no-op included): the spaces left
+    # as they are are checked for ownership only, not their values.
+    params, names = _params([sp for name, sp in hidden.items() if name not in touched])
+    remapper.validate(params, names, unchecked={id(p) for p in params})
     reports = []
     with atomic():
         for name in [n for n in downstream_first(hidden) if n in touched]:

@@ -288,7 +288,8 @@ class StateRemapper:
         place; an undo applies the inverse rotation, which restores first moments to round-off and
         second moments (whose rule has no inverse) to a valid estimate near the old ones.
         ``verify``: the state was not checked finite by :meth:`validate`; ``transform`` carries its
-        input into its result, whose check, which runs anyway, covers it (see ``operations.check_space``).
+        input into its result (a rotation, an extension), whose check covers it, before any fixup
+        (see ``operations.check_space``).
         """
         found = self.owner(param)
         if found is None:
@@ -358,9 +359,13 @@ class StateRemapper:
             if transform.keeps_prefix and rule.fixup is None and (key in rule.linear or key in rule.quadratic):
                 restore = leading_view(value, view, new)
             if may_overflow:
+                if verify and rule.fixup is not None and not all_finite(new) and not all_finite(value):
+                    raise _state_error(key, name, value)  # before the fixup can hide it (a maximum)
                 new_state[key] = shape_back(new)
                 restores[key] = restore
             else:
+                if verify and not all_finite(new):  # a copy of the input (and zeros): the input is not finite
+                    raise _state_error(key, name, value)
                 del value, view
                 tx.set_item(state, key, shape_back(new), restore=restore)
             del new

@@ -579,6 +579,17 @@ def test_07_a_rotation_that_overflows_a_finite_gradient_is_refused_as_an_overflo
             match=r"would write non-finite values into the gradient of `layers.0.weight`")
 
 
+@pytest.mark.parametrize("op", ["grow", "shrink"])
+def test_07_a_fixup_cannot_hide_a_non_finite_state_entry(op):
+    # Centered RMSprop's fixup takes max(square_avg, grad_avg ** 2), which turns -inf into a finite
+    # value: a check of the remapped state after it would miss the input's -inf.
+    net, opt = mlp(optimizer="rmsprop")
+    p = net.layers[1].weight
+    opt.state[p]["square_avg"][2, 3] = -math.inf
+    refused(lambda: getattr(net, op)(0, 1, optimizer=opt), net, opt, error=NonFiniteError,
+            match=r"Optimizer state `square_avg` of parameter `layers.1.weight` holds 1 non-finite")
+
+
 def test_07_nan_in_a_gradient_before_diagonalisation_and_full_diagonalisation():
     net, opt = mlp(psi="none")
     net.layers[1].weight.grad[0, 0] = math.nan
@@ -665,6 +676,14 @@ def test_09_an_optimizer_missing_a_parameter_is_refused_naming_it():
     train(net, partial, 1)
     refused(lambda: net.grow(0, 1, optimizer=partial), net, partial, adam,
             match=r"`optimizer` \(Adam\) to hold parameter `layers.1.weight`")
+
+
+def test_09_set_widths_that_changes_nothing_still_refuses_an_optimizer_of_another_model():
+    net, adam = mlp()
+    other = torch.optim.Adam([nn.Parameter(torch.zeros(3))], lr=1e-3)
+    refused(lambda: net.set_widths(list(net.hidden_widths), optimizer=other), net, adam,
+            match=r"`optimizer` \(Adam\) to hold parameter `layers.0.weight`")
+    assert net.set_widths(list(net.hidden_widths), optimizer=adam) == []  # its own optimizer: a no-op
 
 
 # ---------------------------------------------------------------------------- 10. parametrized layers
