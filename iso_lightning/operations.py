@@ -212,9 +212,9 @@ def check_space(space: NeuronSpace, defer: bool = False, defer_values: bool = Fa
 
     ``defer=True`` leaves the gradients of the neuron-indexed tensors to the operation, which must
     change each of them first, with ``verify=True``, by a transform that carries its input into its
-    result (:attr:`~iso_lightning.axis.AxisTransform.carries_input`, a Householder rotation): a NaN
-    or an infinity of the input then reaches the result, whose check (needed anyway against
-    overflow) covers the input too, one pass over each gradient instead of two. A refusal there is
+    result (:attr:`~iso_lightning.axis.AxisTransform.carries_input`, a Householder rotation or an
+    extension): a NaN or an infinity of the input then reaches the result, whose check (needed
+    anyway against overflow) covers the input too, one pass over each gradient instead of two. A refusal there is
     undone by the transaction like any other. ``defer_values`` (with ``defer``) leaves their values
     to the operation too, for an operation that reads none of them before changing them (a grow:
     an :class:`~iso_lightning.axis.Extension` copies its input into its result, whose check then
@@ -1159,7 +1159,8 @@ def set_widths(spaces: Mapping[str, NeuronSpace], widths: Mapping[str, int], *, 
         check_space(space)
     remapper = remapper_for(optimizer, on_unknown, *touched.values())
     # `optimizer` must train the model even where nothing changes (a no-op included): the spaces left
-    # as they are are checked for ownership only, not their values.
+    # as they are are checked as the optimizer's (held, a rule, state shaped like its parameter), not
+    # their values.
     params, names = _params([sp for name, sp in hidden.items() if name not in touched])
     remapper.validate(params, names, unchecked={id(p) for p in params})
     reports = []

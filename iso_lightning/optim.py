@@ -309,8 +309,9 @@ class StateRemapper:
     def _remap(state: Dict[str, object], group: Mapping[str, object], rule: OptimizerRule, param: Tensor,
                view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor], transform: AxisTransform,
                tx: Transaction, inplace: bool, name: str = "<parameter>", verify: bool = False) -> None:
-        # The state was checked finite (validate): only a rotation, the squares of the "rms" rule or
-        # a fixup can make it overflow; a selection or an extension copies it (and finite fills).
+        # The state was checked finite (validate, or is checked here with `verify`): only a rotation,
+        # the squares of the "rms" rule or a fixup can make it overflow; a selection or an extension
+        # copies it (and finite fills).
         may_overflow = transform.may_overflow or bool(rule.rms) or rule.fixup is not None or bool(rule.fill)
         # Where nothing can overflow, each entry is swapped in as soon as it is made, so that the old
         # one is freed (an extension restores from a view of its result) before the next is allocated;
