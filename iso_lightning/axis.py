@@ -15,12 +15,16 @@ which is :math:`W \leftarrow U^T W` for the rows of a producer and :math:`W \lef
 columns of a consumer: both roles transform the same way. First moments of an optimizer follow the
 same map; second moments follow :math:`(M \circ M)` (the squared-entry rule), which is exact for
 permutations, selections and extensions and a diagonal approximation for a general rotation.
+
+A transform that needs no view where the space's axis holds one entry per neuron (an extension: a
+concatenation along that axis) is also applied to the tensor itself (:meth:`AxisTransform.along`),
+which saves making the view and reshaping the result back, per tensor, gradient and moment.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -62,6 +66,17 @@ class AxisTransform:
     def quadratic(self, view: Tensor, fill: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
         """Second-moment rule :math:`(M \\circ M)`: keeps non-negative values non-negative."""
         raise NotImplementedError
+
+    def along(self, t: Tensor, axis: int, fill: Union[None, float, Tensor] = None
+              ) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+        """The transform applied along ``axis`` of ``t`` itself, for a space with one entry per neuron
+        there: no ``(pre, n, rest)`` view to make and reshape back. ``None`` for a transform with no
+        such form (use :meth:`linear` on a view); else the result and, for a :attr:`keeps_prefix`
+        transform, a view of it with ``t``'s shape, strides and values (see :func:`leading_view`), or
+        ``None``. ``fill``: the new entries, shaped as ``t`` with the new count along ``axis``, or one
+        value for all of them.
+        """
+        return None
 
     def inverse(self) -> AxisTransform:
         """The inverse map (rotations only)."""
@@ -354,3 +369,15 @@ class Extension(AxisTransform):
         return torch.cat([view, fill.to(device=view.device, dtype=view.dtype)], dim=1)
 
     quadratic = linear
+
+    def along(self, t: Tensor, axis: int, fill: Union[None, float, Tensor] = None
+              ) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+        if not isinstance(fill, Tensor):
+            shape = list(t.shape)
+            shape[axis] = self.count
+            fill = t.new_full(shape, 0.0 if fill is None else fill)
+        new = torch.cat((t, fill.to(device=t.device, dtype=t.dtype)), dim=axis)
+        if axis != 0 or not t.is_contiguous():
+            return new, None  # the old entries are not the first of the storage
+        restore = new.narrow(0, 0, t.shape[0])
+        return new, restore if restore.stride() == t.stride() else None

@@ -288,7 +288,8 @@ def _apply(space: NeuronSpace, binding: Binding, transform: AxisTransform, remap
     shape = tuple(t.shape)
     inplace = _in_place(t, transform)
     assert not verify or transform.carries_input, "a deferred check needs a result that carries the input"
-    remapper.apply(t, binding.view, lambda v: binding.shape_back(v, shape), transform, inplace, verify=verify)
+    remapper.apply(t, binding.view, lambda v: binding.shape_back(v, shape), transform, inplace, verify=verify,
+                   axis=binding.axis if binding.inner == 1 else None)
     grad = t.grad
     if inplace and verify and grad is not None:  # overwritten below: checked first
         _check_finite_tensor(binding.label, "the gradient of", grad, space)
@@ -324,6 +325,11 @@ def _transformed(binding: Binding, transform: AxisTransform, t: Tensor, shape: T
                  fill: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """``t`` transformed, and, for an extension, a view of the result that an undo restores ``t`` from
     (so that ``t``'s own storage need not be kept: it is freed once the operation drops it)."""
+    if binding.inner == 1:  # one entry per neuron: along the axis itself, where the transform can
+        direct = transform.along(t, binding.axis, None if fill is None else
+                                 fill.reshape(binding.shape_for(shape, fill.shape[1])))
+        if direct is not None:
+            return direct
     view = binding.view(t)
     new_view = transform.linear(view, fill)
     restore = leading_view(t, view, new_view) if transform.keeps_prefix else None

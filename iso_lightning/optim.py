@@ -279,7 +279,8 @@ class StateRemapper:
                     raise _state_error(key, name, value)
 
     def apply(self, param: Tensor, view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor],
-              transform: AxisTransform, inplace: bool = False, verify: bool = False) -> None:
+              transform: AxisTransform, inplace: bool = False, verify: bool = False, axis: Optional[int] = None
+              ) -> None:
         """Remap the state of ``param`` (called before the parameter itself changes shape).
 
         New state tensors replace the old ones in the state dict, through the enclosing
@@ -289,7 +290,8 @@ class StateRemapper:
         second moments (whose rule has no inverse) to a valid estimate near the old ones.
         ``verify``: the state was not checked finite by :meth:`validate`; ``transform`` carries its
         input into its result (a rotation, an extension), whose check covers it, before any fixup
-        (see ``operations.check_space``).
+        (see ``operations.check_space``). ``axis``: the axis of ``param`` that holds one entry per
+        neuron, where the transform may act on the state directly (:meth:`~iso_lightning.axis.AxisTransform.along`).
         """
         found = self.owner(param)
         if found is None:
@@ -303,12 +305,13 @@ class StateRemapper:
             state = opt.state.get(param)
             if state:
                 self._remap(state, group, rule, param, view_of, shape_back, transform, tx, inplace,
-                            self._names.get(id(param), "<parameter>"), verify)
+                            self._names.get(id(param), "<parameter>"), verify, axis)
 
     @staticmethod
     def _remap(state: Dict[str, object], group: Mapping[str, object], rule: OptimizerRule, param: Tensor,
                view_of: Callable[[Tensor], Tensor], shape_back: Callable[[Tensor], Tensor], transform: AxisTransform,
-               tx: Transaction, inplace: bool, name: str = "<parameter>", verify: bool = False) -> None:
+               tx: Transaction, inplace: bool, name: str = "<parameter>", verify: bool = False,
+               axis: Optional[int] = None) -> None:
         # The state was checked finite (validate, or is checked here with `verify`): only a rotation,
         # the squares of the "rms" rule or a fixup can make it overflow; a selection or an extension
         # copies it (and finite fills).
@@ -327,7 +330,11 @@ class StateRemapper:
                     f"Optimizer state `{key}` is not covered by its remapping rule "
                     "(call `validate` before `apply` to refuse this before anything changes)."
                 )
-            view = view_of(value)
+            value_fill = rule.fill[key](group) if key in rule.fill else None
+            direct = None
+            if axis is not None and not inplace and (key in rule.linear or key in rule.quadratic):
+                direct = transform.along(value, axis, value_fill)  # type: ignore[arg-type]
+            view = value if direct is not None else view_of(value)
             if verify and inplace and not all_finite(value):  # overwritten below: checked first
                 raise _state_error(key, name, value)
             if inplace and (key in rule.linear or key in rule.quadratic) and view.data_ptr() == value.data_ptr() \
@@ -346,29 +353,35 @@ class StateRemapper:
                     transform.quadratic(view, inplace=True)
                     tx.on_rollback(functools.partial(inverse.quadratic, view, inplace=True))
                 continue
-            fill = None
-            if key in rule.fill and hasattr(transform, "count"):
-                pre, _, rest = view.shape
-                fill = view.new_full((pre, transform.count, rest), rule.fill[key](group))  # type: ignore[attr-defined]
-            if key in rule.linear:
-                new = transform.linear(view, fill)
-            elif key in rule.quadratic:
-                new = transform.quadratic(view, fill)
+            if direct is not None:
+                new, restore = direct
+                if rule.fixup is not None:
+                    restore = None  # the fixup may change the new tensor in place
             else:
-                new = transform.quadratic(view * view, fill).clamp_min(0).sqrt()
-            restore = None
-            if transform.keeps_prefix and rule.fixup is None and (key in rule.linear or key in rule.quadratic):
-                restore = leading_view(value, view, new)
+                fill = None
+                if value_fill is not None and hasattr(transform, "count"):
+                    pre, _, rest = view.shape
+                    fill = view.new_full((pre, transform.count, rest), value_fill)  # type: ignore[attr-defined]
+                if key in rule.linear:
+                    new = transform.linear(view, fill)
+                elif key in rule.quadratic:
+                    new = transform.quadratic(view, fill)
+                else:
+                    new = transform.quadratic(view * view, fill).clamp_min(0).sqrt()
+                restore = None
+                if transform.keeps_prefix and rule.fixup is None and (key in rule.linear or key in rule.quadratic):
+                    restore = leading_view(value, view, new)
+                new = shape_back(new)
             if may_overflow:
                 if verify and rule.fixup is not None and not all_finite(new) and not all_finite(value):
                     raise _state_error(key, name, value)  # before the fixup can hide it (a maximum)
-                new_state[key] = shape_back(new)
+                new_state[key] = new
                 restores[key] = restore
             else:
                 if verify and not all_finite(new):  # a copy of the input (and zeros): the input is not finite
                     raise _state_error(key, name, value)
                 del value, view
-                tx.set_item(state, key, shape_back(new), restore=restore)
+                tx.set_item(state, key, new, restore=restore)
             del new
         if not may_overflow:
             return

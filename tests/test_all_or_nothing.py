@@ -324,7 +324,8 @@ def test_02_grow_running_out_of_memory_part_way_changes_nothing():
 @pytest.mark.parametrize("optimizer", TWO)
 def test_02_grow_failing_on_its_second_extension_changes_nothing(monkeypatch, error, optimizer):
     net, opt = mlp(optimizer=optimizer)
-    second_call_raises(monkeypatch, Extension, "linear", error)
+    # Dense spaces (one entry per neuron on each axis) extend along the tensors' own axes.
+    second_call_raises(monkeypatch, Extension, "along", error)
     refused(lambda: net.grow(0, 2, optimizer=opt), net, opt, error=type(error), match="injected")
     monkeypatch.undo()
     assert_healthy(net, opt)

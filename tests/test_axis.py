@@ -224,6 +224,34 @@ def test_extension_matches_einsum(shape: Tuple[int, int, int], seed: int, count:
     assert ext.new_size(n) == n + count and not ext.is_rotation
 
 
+@settings(max_examples=40, deadline=None)
+@given(dims=st.lists(st.integers(1, 4), min_size=1, max_size=4), data=st.data(), count=st.integers(1, 3),
+       fill=st.sampled_from(["none", "value", "tensor"]), dtype=dtypes)
+def test_extension_along_an_axis_equals_the_view_rule(dims: List[int], data: st.DataObject, count: int, fill: str,
+                                                       dtype: torch.dtype) -> None:
+    # The direct form on the tensor's own axis, against the (pre, n, rest) view rule checked above.
+    axis_ = data.draw(st.integers(0, len(dims) - 1))
+    x = sample((1, int(np.prod(dims)), 1), data.draw(seeds), dtype).reshape(dims)
+    pre, n, rest = int(np.prod(dims[:axis_])), dims[axis_], int(np.prod(dims[axis_ + 1:]))
+    new_shape = list(dims)
+    new_shape[axis_] = count
+    fill_view = {"none": torch.zeros(pre, count, rest, dtype=dtype), "value": torch.full((pre, count, rest), 0.5,
+                 dtype=dtype), "tensor": sample((pre, count, rest), 7, torch.float64)}[fill]
+    arg = {"none": None, "value": 0.5, "tensor": fill_view.reshape(new_shape)}[fill]
+    before = x.clone()
+    out, restore = Extension(count).along(x, axis_, arg)
+    expected = Extension(count).linear(x.reshape(pre, n, rest), fill_view)
+    assert out.dtype == dtype and list(out.shape) == list(dims[:axis_]) + [n + count] + list(dims[axis_ + 1:])
+    assert torch.equal(out.reshape(pre, n + count, rest), expected)  # concatenation: exact
+    assert torch.equal(x, before), "the input is left as it was"
+    if axis_ == 0:  # the old entries lead the storage: the undo restores a view of the result
+        assert restore is not None and restore.shape == x.shape and restore.stride() == x.stride()
+        assert restore.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() and torch.equal(restore, x)
+    else:
+        assert restore is None
+    assert AxisTransform().along(x, axis_) is None and Selection(torch.arange(n)).along(x, axis_) is None
+
+
 def test_base_transform_is_abstract() -> None:
     t = AxisTransform()
     x = torch.zeros(1, 2, 1)
