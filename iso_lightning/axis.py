@@ -17,8 +17,9 @@ same map; second moments follow :math:`(M \circ M)` (the squared-entry rule), wh
 permutations, selections and extensions and a diagonal approximation for a general rotation.
 
 A transform that needs no view where the space's axis holds one entry per neuron (an extension: a
-concatenation along that axis) is also applied to the tensor itself (:meth:`AxisTransform.along`),
-which saves making the view and reshaping the result back, per tensor, gradient and moment.
+concatenation along that axis; a selection: a narrow view or an index selection) is also applied to
+the tensor itself (:meth:`AxisTransform.along`), which saves making the view and reshaping the result
+back, per tensor, gradient and moment.
 """
 
 from __future__ import annotations
@@ -348,6 +349,11 @@ class Selection(AxisTransform):
         return view.index_select(1, self.index.to(view.device))
 
     quadratic = linear
+
+    def along(self, t: Tensor, axis: int, fill: Union[None, float, Tensor] = None
+              ) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+        out = t.narrow(axis, *self.run) if self.run is not None else t.index_select(axis, self.index.to(t.device))
+        return out.contiguous(), None  # a run of rows stays a view; of columns, a copy (as the view rule gives)
 
 
 class Extension(AxisTransform):

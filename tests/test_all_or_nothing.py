@@ -346,7 +346,7 @@ def test_03_shrink_with_a_wrong_expectation_changes_nothing(monkeypatch, expecta
 @pytest.mark.parametrize("group_size", [None, 1])
 def test_03_shrink_failing_on_its_second_selection_changes_nothing(monkeypatch, error, group_size):
     net, opt = mlp(group_size=group_size)
-    second_call_raises(monkeypatch, Selection, "linear", error)
+    second_call_raises(monkeypatch, Selection, "along", error)  # dense spaces: along the tensors' axes
     refused(lambda: net.shrink(0, 2, optimizer=opt, expectation=inputs(net)), net, opt, error=type(error),
             match="injected")
 

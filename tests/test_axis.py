@@ -249,7 +249,29 @@ def test_extension_along_an_axis_equals_the_view_rule(dims: List[int], data: st.
         assert restore.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() and torch.equal(restore, x)
     else:
         assert restore is None
-    assert AxisTransform().along(x, axis_) is None and Selection(torch.arange(n)).along(x, axis_) is None
+    assert AxisTransform().along(x, axis_) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(dims=st.lists(st.integers(1, 4), min_size=1, max_size=4), data=st.data(), dtype=dtypes)
+def test_selection_along_an_axis_equals_the_view_rule(dims: List[int], data: st.DataObject, dtype: torch.dtype
+                                                      ) -> None:
+    axis_ = data.draw(st.integers(0, len(dims) - 1))
+    n = dims[axis_]
+    x = sample((1, int(np.prod(dims)), 1), data.draw(seeds), dtype).reshape(dims)
+    pre, rest = int(np.prod(dims[:axis_])), int(np.prod(dims[axis_ + 1:]))
+    start = data.draw(st.integers(0, n - 1))
+    run = torch.arange(start, data.draw(st.integers(start + 1, n)))
+    perm = torch.tensor(data.draw(st.permutations(range(n))))[: data.draw(st.integers(1, n))]
+    for index in (run, perm):
+        sel = Selection(index)
+        out, restore = sel.along(x, axis_)
+        expected = sel.linear(x.reshape(pre, n, rest))
+        assert restore is None and out.is_contiguous()
+        assert list(out.shape) == list(dims[:axis_]) + [index.numel()] + list(dims[axis_ + 1:])
+        assert torch.equal(out.reshape(pre, index.numel(), rest), expected)
+        if index is run and axis_ == 0:  # a run of leading rows: a view, no copy
+            assert out.data_ptr() == x[start:].data_ptr()
 
 
 def test_base_transform_is_abstract() -> None:
