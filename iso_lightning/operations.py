@@ -325,7 +325,7 @@ def _transformed(binding: Binding, transform: AxisTransform, t: Tensor, shape: T
                  fill: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """``t`` transformed, and, for an extension, a view of the result that an undo restores ``t`` from
     (so that ``t``'s own storage need not be kept: it is freed once the operation drops it)."""
-    if binding.inner == 1:  # one entry per neuron: along the axis itself, where the transform can
+    if binding.inner == 1:  # one entry per neuron on the axis: the tensor itself, where the transform allows
         direct = transform.along(t, binding.axis, None if fill is None else
                                  fill.reshape(binding.shape_for(shape, fill.shape[1])))
         if direct is not None:
