@@ -330,15 +330,16 @@ class StateRemapper:
                     f"Optimizer state `{key}` is not covered by its remapping rule "
                     "(call `validate` before `apply` to refuse this before anything changes)."
                 )
-            value_fill = rule.fill[key](group) if key in rule.fill else None
+            moment = key in rule.linear or key in rule.quadratic  # not an "rms" key
+            # New entries' value (an extension's), by the rule's fill or zero.
+            value_fill = rule.fill[key](group) if key in rule.fill and hasattr(transform, "count") else None
             direct = None
-            if axis is not None and not inplace and (key in rule.linear or key in rule.quadratic):
+            if axis is not None and moment and not inplace:
                 direct = transform.along(value, axis, value_fill)  # type: ignore[arg-type]
             view = value if direct is not None else view_of(value)
             if verify and inplace and not all_finite(value):  # overwritten below: checked first
                 raise _state_error(key, name, value)
-            if inplace and (key in rule.linear or key in rule.quadratic) and view.data_ptr() == value.data_ptr() \
-                    and value.is_contiguous():
+            if inplace and moment and view.data_ptr() == value.data_ptr() and value.is_contiguous():
                 # A tensor too large for a second copy (see transaction.IN_PLACE_ELEMENTS), rotated after
                 # everything that can be refused was checked. A rotation keeps finite state finite
                 # (M o M is doubly stochastic: second moments keep their range). Undo: the inverse
@@ -355,11 +356,9 @@ class StateRemapper:
                 continue
             if direct is not None:
                 new, restore = direct
-                if rule.fixup is not None:
-                    restore = None  # the fixup may change the new tensor in place
             else:
                 fill = None
-                if value_fill is not None and hasattr(transform, "count"):
+                if value_fill is not None:
                     pre, _, rest = view.shape
                     fill = view.new_full((pre, transform.count, rest), value_fill)  # type: ignore[attr-defined]
                 if key in rule.linear:
@@ -368,10 +367,10 @@ class StateRemapper:
                     new = transform.quadratic(view, fill)
                 else:
                     new = transform.quadratic(view * view, fill).clamp_min(0).sqrt()
-                restore = None
-                if transform.keeps_prefix and rule.fixup is None and (key in rule.linear or key in rule.quadratic):
-                    restore = leading_view(value, view, new)
+                restore = leading_view(value, view, new) if transform.keeps_prefix and moment else None
                 new = shape_back(new)
+            if rule.fixup is not None:
+                restore = None  # the fixup may change the new tensor in place: the undo keeps the old one
             if may_overflow:
                 if verify and rule.fixup is not None and not all_finite(new) and not all_finite(value):
                     raise _state_error(key, name, value)  # before the fixup can hide it (a maximum)
